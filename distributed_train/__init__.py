@@ -1,0 +1,5 @@
+"""distributed_train: a torchrun DDP trainer that streams WebDataset shards made by `shard_tools`."""
+
+# Exit code of a run that stopped on SIGTERM/SIGUSR1 or RUN/STOP after saving latest.pt: a batch script requeues on it.
+# 75 is EX_TEMPFAIL ("try again later") from sysexits.h.
+EXIT_PREEMPTED = 75

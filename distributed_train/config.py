@@ -1,0 +1,109 @@
+"""Run settings: one dataclass, its command line, and RUN/config.json.
+
+Every field is a plain value with a default; the command line is generated from the fields so the two never drift.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+
+def _opt(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Config:
+    # data and outputs
+    data: str = _opt("", "dataset folder or URL (http(s)://, s3://) holding manifest.json", required=True)
+    run_dir: str = _opt("", "run folder: checkpoints, metrics.jsonl, config.json; reusing it resumes", required=True)
+    # model
+    arch: str = _opt("resnet50", "resnet26 | resnet50 | resnet101 | resnet152")
+    width: float = _opt(1.0, "channel width multiplier (e.g. 0.25 for CPU runs)")
+    image_size: int = _opt(224, "training / evaluation crop size in pixels")
+    init_from: str = _opt("", "torchvision-format state_dict (.pth) to start from (fc skipped if classes differ)")
+    # schedule
+    epochs: int = _opt(10, "number of epochs (ignored when --max-steps is set)")
+    max_steps: int = _opt(0, "stop after this many optimizer steps in total (0: use --epochs)")
+    batch_size: int = _opt(64, "images per GPU/process per micro-batch")
+    accum_steps: int = _opt(1, "gradient accumulation: micro-batches per optimizer step")
+    optimizer: str = _opt("sgd", "sgd (Nesterov momentum) | adamw")
+    lr: float = _opt(0.0, "peak learning rate; 0 = base lr scaled by global batch (sgd 0.1, adamw 1e-3 per 256)")
+    weight_decay: float = _opt(5e-5, "weight decay (not applied to BatchNorm and biases)")
+    warmup_steps: int = _opt(0, "linear warmup steps (0: about 3%% of the run, at least 1)")
+    label_smoothing: float = _opt(0.1, "cross-entropy label smoothing")
+    ema_decay: float = _opt(0.0, "EMA of the weights (e.g. 0.999); 0 disables; evaluation uses the EMA weights")
+    min_crop_scale: float = _opt(0.25, "RandomResizedCrop smallest area fraction (0.08 in ImageNet recipes)")
+    # speed
+    precision: str = _opt("auto", "auto | bf16 | fp16 | fp32 (auto: bf16 on bf16 GPUs, fp16 on older ones, fp32 on CPU)")
+    compile: bool = _opt(False, "torch.compile the model")
+    channels_last: str = _opt("auto", "auto | on | off (auto: on for CUDA)")
+    sync_bn: bool = _opt(False, "SyncBatchNorm across GPUs (CUDA only)")
+    workers: int = _opt(4, "DataLoader worker processes per rank")
+    shuffle_buffer: int = _opt(1000, "samples in each worker's shuffle buffer")
+    # bookkeeping
+    seed: int = _opt(0, "seed for weights init, shard order, shuffling and augmentation")
+    log_every: int = _opt(20, "console / metrics.jsonl line every N optimizer steps")
+    eval_every: int = _opt(1, "validate every N epochs (and at the end)")
+    checkpoint_every: int = _opt(500, "save RUN/checkpoints/latest.pt every N optimizer steps (and at epoch ends)")
+    keep_checkpoints: int = _opt(3, "keep the last K step checkpoints besides latest.pt and best.pt")
+    wandb: str = _opt("offline", "offline | online | disabled")
+    wandb_project: str = _opt("distributed-train", "W&B project name")
+    on_shard_error: str = _opt("fail", "fail | skip: what to do with a shard that cannot be read after retries")
+    verify_shards: bool = _opt(False, "check each shard's sha256 from the manifest while streaming")
+
+    def validate(self) -> None:
+        problems = []
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            problems.append(f"--precision {self.precision!r}: use auto, bf16, fp16 or fp32")
+        if self.optimizer not in ("sgd", "adamw"):
+            problems.append(f"--optimizer {self.optimizer!r}: use sgd or adamw")
+        if self.wandb not in ("offline", "online", "disabled"):
+            problems.append(f"--wandb {self.wandb!r}: use offline, online or disabled")
+        if self.channels_last not in ("auto", "on", "off"):
+            problems.append(f"--channels-last {self.channels_last!r}: use auto, on or off")
+        if self.on_shard_error not in ("fail", "skip"):
+            problems.append(f"--on-shard-error {self.on_shard_error!r}: use fail or skip")
+        for name in ("batch_size", "accum_steps", "image_size", "log_every", "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')} must be at least 1")
+        if self.epochs < 1 and self.max_steps < 1:
+            problems.append("give --epochs or --max-steps (at least 1)")
+        if problems:
+            raise SystemExit("distributed_train: " + "; ".join(problems))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def build_parser(prog: str = "python -m distributed_train") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Train a bottleneck ResNet on shards made by shard_tools.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        meta = dict(f.metadata)
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
+        else:
+            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            p.add_argument(flag, type=typ, default=None if meta.get("required") else f.default,
+                           required=meta.get("required", False), help=meta["help"])
+    return p
+
+
+def parse_args(argv=None) -> Config:
+    args = build_parser().parse_args(argv)
+    cfg = Config(**vars(args))
+    cfg.validate()
+    return cfg

@@ -1,0 +1,229 @@
+"""Webdataset pipelines for training and evaluation, with the same number of steps on every rank.
+
+How one epoch's samples reach the ranks (no rank ever waits for another in an all-reduce, no sample is read twice):
+
+    shards, in an order reshuffled from (seed, epoch)      -> one long sequence of samples (counts from the manifest)
+    -> cut into consecutive ranges, one per (rank, worker) slot, rank-major, so nodes and then workers get neighbouring
+       shards (webdataset's split_by_node -> split_by_worker, but at sample granularity, so uneven shards or fewer
+       shards than slots still give every slot exactly its share)
+    -> each slot: tar samples of its ranges -> shuffle buffer -> raw batches -> skip (mid-epoch resume)
+       -> decode (torchvision.io, libjpeg-turbo) + augment -> uint8 batch
+
+Training uses floor(samples / world / batch) batches per rank, so an epoch reads each sample at most once; only a
+dataset smaller than one batch on every rank wraps around. Evaluation splits every sample over the slots exactly
+once, with partial last batches. Batches stay uint8 until `normalize` on the device: 4x less to copy.
+"""
+from __future__ import annotations
+
+import random
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import v2
+
+from shard_tools.manifest import Manifest
+from shard_tools.remote import iter_shard_samples
+
+# torchvision 0.29 deprecates torchvision.io's decoders in favour of TorchCodec, which is not a dependency here.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities", category=DeprecationWarning)
+
+EVAL_RESIZE_RATIO = 0.875  # resize to size/0.875 then centre-crop `size`, as torchvision's reference scripts do
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Samples [start, stop) of one shard of `size` samples, in the order they are stored."""
+
+    url: str
+    start: int
+    stop: int
+    size: int
+
+
+# ---- which samples each (rank, worker) slot reads ------------------------------------------------------------------
+def cut_ranges(shards: list[tuple[str, int]], lengths: list[int]) -> list[list[Piece]]:
+    """Consecutive ranges of the concatenated shards, one per entry of `lengths`, wrapping around at the end."""
+    if sum(n for _, n in shards) == 0:
+        raise ValueError("the split has no samples")
+    slots, si, offset = [], 0, 0
+    for length in lengths:
+        pieces = []
+        while length > 0:
+            url, n = shards[si]
+            take = min(length, n - offset)
+            if take > 0:
+                pieces.append(Piece(url, offset, offset + take, n))
+            length, offset = length - take, offset + take
+            if offset >= n:
+                si, offset = (si + 1) % len(shards), 0
+        slots.append(pieces)
+    return slots
+
+
+def even_split(total: int, parts: int) -> list[int]:
+    return [total // parts + (i < total % parts) for i in range(parts)]
+
+
+def train_batches_per_rank(num_samples: int, world_size: int, batch_size: int, accum_steps: int = 1) -> int:
+    """Micro-batches every rank runs per epoch: whole optimizer steps, at least one."""
+    micro = num_samples // world_size // batch_size
+    return max(accum_steps, micro - micro % accum_steps)
+
+
+def batches_before(consumed: int, worker: int, num_workers: int) -> int:
+    """Batches worker `worker` produced when the rank has consumed `consumed` (the DataLoader takes them round-robin)."""
+    return consumed // num_workers + (worker < consumed % num_workers)
+
+
+def epoch_shards(manifest: Manifest, location: str, split: str, seed: int, epoch: int, shuffle: bool):
+    shards = list(zip(manifest.shard_urls(location, split), (s.num_samples for s in manifest.split(split).shards)))
+    if shuffle:
+        random.Random(f"shards-{seed}-{epoch}").shuffle(shards)
+    return shards
+
+
+# ---- one slot's stream ---------------------------------------------------------------------------------------------
+@dataclass
+class PieceReader:
+    """Reads a Piece from a local file, http(s) or s3 (shard_tools.remote), retrying failed downloads; a shard that
+    still fails is skipped and counted, or raises (`on_error`). With `sha256` (url -> digest, --verify-shards), a
+    piece that covers a whole shard is checked against the manifest while it streams."""
+
+    on_error: str = "fail"
+    sha256: dict | None = None
+    skipped: Any = None  # a multiprocessing.Value shared with the DataLoader workers
+
+    def __call__(self, piece: Piece) -> Iterator[dict]:
+        whole = piece.start == 0 and piece.stop == piece.size
+        digest = self.sha256.get(piece.url) if self.sha256 and whole else None
+        return iter_shard_samples(piece.url, start=piece.start, stop=piece.stop, on_error=self.on_error,
+                                  verify_sha256=digest, skip_counter=self.skipped)
+
+
+def read_pieces(pieces: list[Piece], count: int, read_piece: Callable[[Piece], Iterator[dict]], repeat: bool):
+    """Raw samples of `pieces`, in order, `count` in all. With `repeat`, a shortfall (a shard skipped after read
+    errors) is made up by reading the pieces again, so the rank still runs its agreed number of steps."""
+    produced = 0
+    while produced < count:
+        before = produced
+        for p in pieces:
+            for sample in read_piece(p):
+                yield sample
+                produced += 1
+                if produced == count:
+                    return
+        if not repeat or produced == before:
+            if repeat:
+                raise RuntimeError(f"no sample could be read from this worker's shards: {[p.url for p in pieces]}")
+            return
+
+
+class Preprocess:
+    """JPEG bytes -> augmented uint8 CHW tensor. Training: RandomResizedCrop + flip; eval: resize + centre crop."""
+
+    def __init__(self, train: bool, image_size: int, min_crop_scale: float = 0.25):
+        if train:
+            self.transform = v2.Compose([
+                v2.RandomResizedCrop(image_size, scale=(min_crop_scale, 1.0), antialias=True),
+                v2.RandomHorizontalFlip(),
+            ])
+        else:
+            self.transform = v2.Compose([
+                v2.Resize(round(image_size / EVAL_RESIZE_RATIO), antialias=True),
+                v2.CenterCrop(image_size),
+            ])
+
+    def __call__(self, jpeg: bytes) -> torch.Tensor:
+        # bytearray: decode_jpeg wants a writable buffer; the copy is a few KB
+        image = decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        return self.transform(image)
+
+
+class SlotStream(IterableDataset):
+    """What one rank streams in one epoch: worker w of the DataLoader reads slot `slots[w]`."""
+
+    def __init__(self, slots: list[list[Piece]], counts: list[int], preprocess: Preprocess, batch_size: int,
+                 train: bool, seed: tuple, shuffle_buffer: int = 1000, skip_batches: int = 0,
+                 read_piece: Callable[[Piece], Iterator[dict]] = PieceReader()):
+        self.slots, self.counts, self.preprocess = slots, counts, preprocess
+        self.batch_size, self.train, self.seed = batch_size, train, seed
+        self.shuffle_buffer, self.skip_batches, self.read_piece = shuffle_buffer, skip_batches, read_piece
+
+    def __iter__(self):
+        info = get_worker_info()
+        num_workers = info.num_workers if info else 1
+        # The DataLoader takes batch j from worker j % W. Resuming after k batches, worker 0 must play the slot that
+        # would have produced batch k, so the order of the remaining batches is the uninterrupted run's.
+        worker = ((info.id if info else 0) + self.skip_batches) % num_workers
+        samples = read_pieces(self.slots[worker], self.counts[worker], self.read_piece, repeat=self.train)
+        if self.train:
+            rng = random.Random("shuffle-" + "-".join(map(str, (*self.seed, worker))))
+            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
+        raw_batches = wds.batched(self.batch_size, collation_fn=None, partial=not self.train)(samples)
+        skip = batches_before(self.skip_batches, worker, num_workers)
+        for index, raw in enumerate(raw_batches):
+            if index >= skip:  # skipped batches are never decoded: resuming mid-epoch is cheap
+                yield self.make_batch(raw, (*self.seed, worker, index))
+
+    def make_batch(self, raw: list[dict], seed: tuple):
+        # Augmentation randomness depends only on (seed, epoch, rank, worker, batch index): a resumed run draws the
+        # same crops as an uninterrupted one.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash_seed(seed))
+            images = torch.stack([self.preprocess(s["jpg"]) for s in raw])
+        labels = torch.tensor([int(s["cls"]) for s in raw], dtype=torch.long)
+        return images, labels, [s["__key__"] for s in raw]
+
+
+def hash_seed(parts: tuple) -> int:
+    return random.Random("-".join(map(str, parts))).getrandbits(63)
+
+
+# ---- loaders -------------------------------------------------------------------------------------------------------
+def _loader(stream: SlotStream, workers: int, pin_memory: bool) -> DataLoader:
+    return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                      prefetch_factor=4 if workers else None, persistent_workers=False)
+
+
+def train_loader(manifest: Manifest, location: str, *, rank: int, world_size: int, batch_size: int, accum_steps: int,
+                 image_size: int, workers: int, seed: int, epoch: int, skip_batches: int = 0,
+                 min_crop_scale: float = 0.25, shuffle_buffer: int = 1000, pin_memory: bool = False,
+                 read_piece=PieceReader()) -> tuple[DataLoader, int]:
+    """The loader of one rank for one epoch, and the number of micro-batches it yields (equal on every rank)."""
+    split = manifest.split("train")
+    steps = train_batches_per_rank(split.num_samples, world_size, batch_size, accum_steps)
+    slots_per_rank = max(1, workers)
+    per_worker = [b * batch_size for b in even_split(steps, slots_per_rank)]
+    slots = cut_ranges(epoch_shards(manifest, location, "train", seed, epoch, shuffle=True), per_worker * world_size)
+    mine = slots[rank * slots_per_rank:(rank + 1) * slots_per_rank]
+    stream = SlotStream(mine, per_worker, Preprocess(True, image_size, min_crop_scale), batch_size, train=True,
+                        seed=(seed, epoch, rank), shuffle_buffer=shuffle_buffer, skip_batches=skip_batches,
+                        read_piece=read_piece)
+    return _loader(stream, workers, pin_memory), steps - skip_batches
+
+
+def eval_loader(manifest: Manifest, location: str, split: str, *, rank: int, world_size: int, batch_size: int,
+                image_size: int, workers: int, pin_memory: bool = False, read_piece=PieceReader()) -> DataLoader:
+    """Every sample of `split` exactly once across all ranks and workers; ranks may get different batch counts."""
+    slots_per_rank = max(1, workers)
+    num_samples = manifest.split(split).num_samples
+    counts = even_split(num_samples, world_size * slots_per_rank)
+    slots = cut_ranges(epoch_shards(manifest, location, split, 0, 0, shuffle=False), counts)
+    lo, hi = rank * slots_per_rank, (rank + 1) * slots_per_rank
+    stream = SlotStream(slots[lo:hi], counts[lo:hi], Preprocess(False, image_size), batch_size, train=False,
+                        seed=(0,), read_piece=read_piece)
+    return _loader(stream, workers, pin_memory)
+
+
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 NCHW on the device -> float, on the 0-1 scale, standardised with the manifest's channel stats."""
+    return images.float().div_(255).sub_(mean).div_(std)
+
+
+def stats_tensors(mean: list[float], std: list[float], device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))

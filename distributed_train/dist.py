@@ -1,0 +1,109 @@
+"""Process group up/down, rank helpers and the stop flag every rank agrees on.
+
+torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and MASTER_ADDR/PORT; a plain `python -m distributed_train` has none of
+them and runs as a world of one without a process group.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(timeout_minutes: float = 30) -> DistContext:
+    """Join the job torchrun started: NCCL with one GPU per process (LOCAL_RANK), gloo on CPU."""
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kw = {"device_id": device} if backend == "nccl" else {}
+        dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes), **kw)
+    return DistContext(rank, world_size, local_rank, device)
+
+
+_cpu_group = None
+
+
+def cpu_group():
+    """A gloo group for tiny host-side agreements (the stop flag) that must not sync the GPU stream."""
+    global _cpu_group
+    if _cpu_group is None and dist.is_initialized():
+        _cpu_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+    return _cpu_group
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum a tensor over ranks in place (a no-op in a world of one)."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t
+
+
+def broadcast_object(obj, src: int = 0):
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class StopFlag:
+    """Preemption: a signal on ANY rank, or a stop file, stops EVERY rank at the same step.
+
+    torchrun forwards SIGTERM to its workers but not SIGUSR1, so a SLURM batch shell that receives USR1 touches
+    `stop_file` instead. `should_stop()` is a collective: every rank must call it at the same step.
+    """
+
+    def __init__(self, stop_file: str):
+        self.stop_file = stop_file
+        self.signalled = 0
+        self.flag = torch.zeros(1, dtype=torch.int32)  # on the CPU: checking it never waits for the GPU
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        self.signalled = signum
+
+    def local(self) -> bool:
+        return bool(self.signalled) or os.path.exists(self.stop_file)
+
+    def should_stop(self) -> bool:
+        self.flag.fill_(int(self.local()))
+        all_reduce_sum(self.flag, group=cpu_group())
+        return bool(self.flag.item())

@@ -1,0 +1,118 @@
+"""Validation that counts every sample exactly once across ranks: top-1, top-5, loss, per-class accuracy, confusion.
+
+Each rank sums over its own samples (no collectives inside the loop, so ranks with fewer batches never block),
+then the sums are all-reduced once.
+
+    python -m distributed_train.evaluate --checkpoint RUN/checkpoints/best.pt --data SHARDS [--split val]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from distributed_train import dist
+from distributed_train.data import eval_loader, normalize, stats_tensors
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, num_classes: int, device: torch.device, mean: torch.Tensor,
+             std: torch.Tensor, autocast=contextlib.nullcontext, memory_format=torch.contiguous_format) -> dict:
+    was_training = model.training
+    model.eval()
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, top-5 hits, count
+    for images, labels, _ in loader:
+        images = normalize(images.to(device, non_blocking=True), mean, std).contiguous(memory_format=memory_format)
+        labels = labels.to(device, non_blocking=True)
+        with autocast():
+            logits = model(images)
+        logits = logits.float()
+        sums[0] += F.cross_entropy(logits, labels, reduction="sum")
+        k = min(5, num_classes)
+        sums[1] += (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum()
+        sums[2] += labels.numel()
+        confusion.view(-1).index_add_(0, labels * num_classes + logits.argmax(dim=1),
+                                      torch.ones_like(labels, dtype=torch.float64))
+    dist.all_reduce_sum(sums)
+    dist.all_reduce_sum(confusion)
+    model.train(was_training)
+    return summarize(confusion.cpu().long(), sums[0].item(), sums[1].item())
+
+
+def summarize(confusion: torch.Tensor, loss_sum: float, top5_hits: float) -> dict:
+    count = int(confusion.sum())
+    per_class_total = confusion.sum(dim=1)
+    correct = confusion.diagonal()
+    per_class = [(c / t).item() if t > 0 else None for c, t in zip(correct, per_class_total)]
+    return {
+        "count": count,
+        "loss": loss_sum / max(count, 1),
+        "top1": correct.sum().item() / max(count, 1),
+        "top5": top5_hits / max(count, 1),
+        "per_class_accuracy": per_class,
+        "confusion": confusion.tolist(),
+    }
+
+
+def format_report(result: dict, class_names: list[str]) -> str:
+    lines = [f"samples {result['count']}  top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  "
+             f"loss {result['loss']:.4f}", "per-class accuracy:"]
+    totals = [sum(row) for row in result["confusion"]]
+    for name, acc, n in zip(class_names, result["per_class_accuracy"], totals):
+        lines.append(f"  {name:<30} {'n/a' if acc is None else f'{acc:.4f}'}  ({n} samples)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from distributed_train.checkpoint import load
+    from distributed_train.checkpoint import model_from_checkpoint
+    from shard_tools.manifest import Manifest, ManifestError
+
+    p = argparse.ArgumentParser(prog="python -m distributed_train.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True, help="dataset folder or URL holding manifest.json")
+    p.add_argument("--split", default="val")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--confusion-png", default="", help="also write the confusion matrix as a PNG here")
+    args = p.parse_args(argv)
+
+    ctx = dist.setup()
+    try:
+        ckpt = load(args.checkpoint)
+        model, info = model_from_checkpoint(ckpt, ctx.device)
+        try:
+            manifest = Manifest.read(args.data)
+        except ManifestError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if manifest.classes != info["classes"]:
+            print(f"error: the checkpoint was trained on classes {info['classes']} but {args.data} has "
+                  f"{manifest.classes}", file=sys.stderr)
+            return 2
+        mean, std = stats_tensors(info["mean"], info["std"], ctx.device)  # the stats the model was trained with
+        loader = eval_loader(manifest, args.data, args.split, rank=ctx.rank, world_size=ctx.world_size,
+                             batch_size=args.batch_size, image_size=info["image_size"], workers=args.workers)
+        result = evaluate(model, loader, manifest.num_classes, ctx.device, mean, std)
+        if ctx.is_main:
+            if args.confusion_png:
+                from distributed_train.plots import plot_confusion_matrix
+
+                plot_confusion_matrix(result["confusion"], manifest.classes, args.confusion_png)
+            if args.json:
+                print(json.dumps({"split": args.split, "classes": manifest.classes, **result}))
+            else:
+                print(format_report(result, manifest.classes))
+        return 0
+    finally:
+        dist.teardown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Rank-0 logging: a console line, RUN/metrics.jsonl (one JSON record per line) and Weights & Biases.
+
+Other ranks get a logger that does nothing, so call sites need no `if rank == 0`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+
+class Logger:
+    def __init__(self, run_dir: str, enabled: bool, wandb_mode: str = "disabled", wandb_project: str = "",
+                 wandb_id: str | None = None, config: dict | None = None):
+        self.enabled = enabled
+        self.run_dir = run_dir
+        self.wandb = None
+        self.wandb_id = wandb_id
+        if not enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        self.metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        if wandb_mode != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(project=wandb_project, dir=run_dir, mode=wandb_mode, config=config,
+                                    id=wandb_id, resume="allow", name=os.path.basename(os.path.abspath(run_dir)))
+            self.wandb_id = self.wandb.id
+
+    def info(self, message: str) -> None:
+        if self.enabled:
+            print(message, flush=True)
+
+    def warn(self, message: str) -> None:
+        if self.enabled:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    def log(self, record: dict, step: int, console: str | None = None) -> None:
+        """One metrics record: to metrics.jsonl, W&B (scalars only) and, if given, a console line."""
+        if not self.enabled:
+            return
+        record = {"step": step, "time": round(time.time(), 3), **record}
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        if self.wandb is not None:
+            prefix = f"{record['kind']}/" if "kind" in record else ""  # train/loss and val/loss stay apart
+            self.wandb.log({prefix + k: v for k, v in record.items()
+                            if isinstance(v, (int, float)) and k not in ("step", "time")}, step=step)
+        if console:
+            print(console, flush=True)
+
+    def log_confusion(self, matrix: np.ndarray, class_names: list[str], step: int, png_path: str,
+                      prefix: str = "val") -> None:
+        """Confusion matrix as a W&B plot and as a PNG in the run folder."""
+        if not self.enabled:
+            return
+        from distributed_train.plots import plot_confusion_matrix
+
+        matrix = np.asarray(matrix)
+        plot_confusion_matrix(matrix, class_names, png_path)
+        if self.wandb is not None:
+            import wandb
+
+            true, pred = np.nonzero(matrix)
+            y_true = np.repeat(true, matrix[true, pred]).tolist()
+            preds = np.repeat(pred, matrix[true, pred]).tolist()
+            self.wandb.log({f"{prefix}/confusion_matrix": wandb.plot.confusion_matrix(
+                y_true=y_true, preds=preds, class_names=class_names),
+                f"{prefix}/confusion_matrix_png": wandb.Image(png_path)}, step=step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.metrics.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,74 @@
+"""Classify image files with a checkpoint, using the checkpoint's own classes and preprocessing.
+
+    python -m distributed_train.predict --checkpoint RUN/checkpoints/best.pt IMG [IMG ...] [--top-k 3] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+from torchvision.io import ImageReadMode, decode_image
+
+from distributed_train.checkpoint import load, model_from_checkpoint
+from distributed_train.data import Preprocess, normalize, stats_tensors
+
+
+class Classifier:
+    def __init__(self, checkpoint_path: str, device: str = "cpu"):
+        self.device = torch.device(device)
+        self.model, meta = model_from_checkpoint(load(checkpoint_path), self.device)
+        self.classes = meta["classes"]
+        self.preprocess = Preprocess(train=False, image_size=meta["image_size"])
+        self.mean, self.std = stats_tensors(meta["mean"], meta["std"], self.device)
+
+    def load_image(self, path: str) -> torch.Tensor:
+        """Decoded, resized and centre-cropped uint8 image; ValueError with the reason for a file that is no image."""
+        try:
+            with open(path, "rb") as f:
+                data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+            image = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        except OSError as e:
+            raise ValueError(f"cannot read: {e.strerror or e}") from None
+        except RuntimeError as e:
+            raise ValueError(f"not a readable image ({str(e).splitlines()[0]})") from None
+        return self.preprocess.transform(image)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, top_k: int = 3) -> list[list[tuple[str, float]]]:
+        x = normalize(images.to(self.device), self.mean, self.std)
+        probs = self.model(x).float().softmax(dim=1)
+        values, indices = probs.topk(min(top_k, len(self.classes)), dim=1)
+        return [[(self.classes[i], p) for i, p in zip(row_i.tolist(), row_p.tolist())]
+                for row_i, row_p in zip(indices, values)]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m distributed_train.predict", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("images", nargs="+", metavar="IMG")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="one JSON object per image")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+
+    classifier = Classifier(args.checkpoint, args.device)
+    failed = 0
+    for path in args.images:
+        try:
+            image = classifier.load_image(path)
+        except ValueError as e:
+            failed += 1
+            print(f"{path}: error: {e}", file=sys.stderr)
+            continue
+        top = classifier(image[None], args.top_k)[0]
+        if args.json:
+            print(json.dumps({"image": path, "predictions": [{"class": c, "probability": p} for c, p in top]}))
+        else:
+            print(f"{path}: " + ", ".join(f"{c} {p:.1%}" for c, p in top))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""The training loop: DDP, mixed precision, accumulation, warmup + cosine, EMA, checkpoints, preemption.
+
+One function, read top to bottom: set up -> resume -> for each epoch: stream batches, step, log, checkpoint,
+validate. Every rank runs the same number of steps (see data.py), so collectives always line up.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import multiprocessing
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from distributed_train import EXIT_PREEMPTED, checkpoint, dist
+from distributed_train.config import Config
+from distributed_train.data import PieceReader, eval_loader, normalize, stats_tensors, train_batches_per_rank, train_loader
+from distributed_train.evaluate import evaluate
+from distributed_train.logger import Logger
+from distributed_train.model import build_model, load_torchvision_state_dict
+from shard_tools.manifest import Manifest
+from shard_tools.remote import redact
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"  # CPUs without bf16 units emulate it, many times slower than fp32
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    # No weight decay on BatchNorm weights and biases (every 1-d parameter), as in the ResNet training recipes.
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = {"fused": True} if device.type == "cuda" else {}  # one kernel for the whole update on GPUs
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, **fused)
+    return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True, **fused)
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def forward_backward(model, ddp_model, x, y, *, autocast, scaler, accum_steps: int, sync: bool,
+                     label_smoothing: float = 0.0) -> torch.Tensor:
+    """One micro-batch: loss / accum_steps backpropagated, so that summed over the micro-batches of a step (and
+    averaged over ranks by DDP) the gradient is that of the mean loss over the global batch. DDP all-reduces only
+    on the micro-batch that completes a step (`sync`). Returns the detached, unscaled loss."""
+    no_sync = ddp_model.no_sync if ddp_model is not None and not sync else contextlib.nullcontext
+    with no_sync():
+        with autocast():
+            loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+        scaler.scale(loss / accum_steps).backward()
+    return loss.detach()
+
+
+def train(cfg: Config) -> int:
+    ctx = dist.setup()
+    try:
+        return _train(cfg, ctx)
+    finally:
+        dist.teardown()
+
+
+def _train(cfg: Config, ctx: dist.DistContext) -> int:
+    device = ctx.device
+    manifest = Manifest.read(cfg.data)
+    run_dir = cfg.run_dir
+    public_config = {**cfg.to_dict(), "data": redact(cfg.data), "world_size": ctx.world_size}
+
+    # ---- resume? ------------------------------------------------------------------------------------------------
+    latest = checkpoint.latest_path(run_dir)
+    state = checkpoint.load(latest) if latest else None
+    if state is not None:
+        check_compatible(state["meta"], cfg, manifest)
+    stop_file = os.path.join(run_dir, "STOP")
+    if ctx.is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        if os.path.exists(stop_file):  # left by the preemption we are resuming from
+            os.remove(stop_file)
+        with open(os.path.join(run_dir, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(public_config, f, indent=2)
+    dist.barrier()
+    stop = dist.StopFlag(stop_file)
+
+    # ---- model, optimizer, schedule -----------------------------------------------------------------------------
+    precision = resolve_precision(cfg.precision, device)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    model = build_model(cfg.arch, manifest.num_classes, width=cfg.width, zero_init_residual=True)
+    if cfg.init_from and state is None:
+        load_torchvision_state_dict(model, torch.load(cfg.init_from, map_location="cpu", weights_only=True),
+                                    strict=False)
+    if cfg.sync_bn and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(device, memory_format=memory_format)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) \
+        if cfg.ema_decay > 0 else None
+
+    global_batch = cfg.batch_size * ctx.world_size * cfg.accum_steps
+    lr = cfg.lr or (0.1 if cfg.optimizer == "sgd" else 1e-3) * global_batch / 256
+    micro_per_epoch = train_batches_per_rank(manifest.split("train").num_samples, ctx.world_size, cfg.batch_size,
+                                             cfg.accum_steps)
+    steps_per_epoch = micro_per_epoch // cfg.accum_steps
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    warmup = cfg.warmup_steps or max(1, round(0.03 * total_steps))
+    optimizer = build_optimizer(model, cfg, lr, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total_steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    step, epoch, batches_done, best_top1, wandb_id = 0, 0, 0, -1.0, None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        if ema is not None and state.get("ema"):
+            ema.load_state_dict(state["ema"])
+        checkpoint.restore_rng(state["rng"])
+        step, epoch, batches_done = state["step"], state["epoch"], state["batches_done"]
+        best_top1, wandb_id = state["best_top1"], state["meta"].get("wandb_id")
+
+    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if ctx.distributed else model
+    step_model = torch.compile(ddp_model) if cfg.compile else ddp_model
+    log = Logger(run_dir, ctx.is_main, cfg.wandb, cfg.wandb_project, wandb_id, public_config)
+    mean, std = stats_tensors(manifest.stats.mean, manifest.stats.std, device)
+    shards_skipped = multiprocessing.Value("i", 0)  # counted in the DataLoader workers, logged here
+    read_piece = PieceReader(cfg.on_shard_error, shard_digests(manifest, cfg.data) if cfg.verify_shards else None,
+                             shards_skipped)
+    meta = {"arch": cfg.arch, "width": cfg.width, "image_size": cfg.image_size, "classes": manifest.classes,
+            "mean": manifest.stats.mean, "std": manifest.stats.std, "wandb_id": log.wandb_id}
+
+    def save(best: bool = False) -> None:
+        if ctx.is_main:
+            checkpoint.save({
+                "model": model.state_dict(), "ema": ema.state_dict() if ema is not None else {},
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "rng": checkpoint.capture_rng(),
+                "step": step, "epoch": epoch, "batches_done": batches_done, "best_top1": best_top1,
+                "config": public_config, "meta": meta,
+            }, run_dir, step, cfg.keep_checkpoints, best=best)
+        dist.barrier()  # nobody exits (and gets the job torn down) while rank 0 is still writing
+
+    def validate() -> None:
+        nonlocal best_top1
+        loader = eval_loader(manifest, cfg.data, "val", rank=ctx.rank, world_size=ctx.world_size,
+                             batch_size=cfg.batch_size, image_size=cfg.image_size, workers=cfg.workers,
+                             pin_memory=device.type == "cuda", read_piece=read_piece)
+        eval_model = ema.module if ema is not None else model
+        result = evaluate(eval_model, loader, manifest.num_classes, device, mean, std, autocast, memory_format)
+        is_best = result["top1"] > best_top1
+        best_top1 = max(best_top1, result["top1"])
+        log.log({"kind": "val", "epoch": epoch, **result}, step,
+                console=f"val   step {step:>6}  epoch {epoch}  top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}"
+                        f"  loss {result['loss']:.4f}  ({result['count']} samples)")
+        log.log_confusion(result["confusion"], manifest.classes, step, os.path.join(run_dir, "confusion_matrix.png"))
+        if ctx.is_main and log.wandb is not None:
+            log.wandb.log({f"val/acc_{name}": acc for name, acc in zip(manifest.classes, result["per_class_accuracy"])
+                           if acc is not None}, step=step)
+        if is_best:
+            save(best=True)
+
+    log.info(f"{'resuming at step ' + str(step) if state else 'starting'}: {cfg.arch} x{cfg.width} on "
+             f"{ctx.world_size} x {device.type}, {precision}, global batch {global_batch}, lr {lr:.4g}, "
+             f"{steps_per_epoch} steps/epoch, {total_steps} steps")
+
+    # ---- the loop -----------------------------------------------------------------------------------------------
+    model.train()
+    exit_code = 0
+    while step < total_steps:
+        loader, _ = train_loader(manifest, cfg.data, rank=ctx.rank, world_size=ctx.world_size,
+                                 batch_size=cfg.batch_size, accum_steps=cfg.accum_steps, image_size=cfg.image_size,
+                                 workers=cfg.workers, seed=cfg.seed, epoch=epoch, skip_batches=batches_done,
+                                 min_crop_scale=cfg.min_crop_scale, shuffle_buffer=cfg.shuffle_buffer,
+                                 pin_memory=device.type == "cuda", read_piece=read_piece)
+        loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
+        window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
+        fetch_start = time.perf_counter()
+        for images, labels, _ in loader:
+            data_wait += time.perf_counter() - fetch_start
+            x = normalize(images.to(device, non_blocking=True), mean, std).contiguous(memory_format=memory_format)
+            y = labels.to(device, non_blocking=True)
+            batches_done += 1
+            sync_now = batches_done % cfg.accum_steps == 0
+            loss_sum += forward_backward(step_model, ddp_model if ctx.distributed else None, x, y, autocast=autocast,
+                                         scaler=scaler, accum_steps=cfg.accum_steps, sync=sync_now,
+                                         label_smoothing=cfg.label_smoothing)
+            if not sync_now:
+                fetch_start = time.perf_counter()
+                continue
+
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
+            step += 1
+            window_steps += 1
+
+            if step % cfg.log_every == 0 or step == total_steps:
+                elapsed = time.perf_counter() - window_start
+                images_per_s = window_steps * global_batch / elapsed
+                mean_loss = loss_sum.item() / (window_steps * cfg.accum_steps)
+                lr_now = scheduler.get_last_lr()[0]
+                log.log({"kind": "train", "epoch": epoch, "loss": mean_loss, "lr": lr_now,
+                         "images_per_s": images_per_s, "data_wait": data_wait / elapsed,
+                         "shards_skipped": shards_skipped.value}, step,
+                        console=f"train step {step:>6}/{total_steps}  epoch {epoch}  loss {mean_loss:.4f}  "
+                                f"lr {lr_now:.4g}  {images_per_s:,.0f} img/s  data wait {data_wait / elapsed:.0%}")
+                loss_sum.zero_()
+                window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
+
+            if stop.should_stop():
+                log.info(f"stop requested: saving step {step} and exiting with code {EXIT_PREEMPTED} (requeue me)")
+                save()
+                exit_code = EXIT_PREEMPTED
+                break
+            if step % cfg.checkpoint_every == 0:
+                save()
+            if step >= total_steps:
+                break
+            fetch_start = time.perf_counter()
+        del loader  # shut the epoch's workers down before the next epoch starts its own
+        if exit_code:
+            break
+        epoch_finished = batches_done >= micro_per_epoch
+        if epoch_finished:
+            epoch, batches_done = epoch + 1, 0
+        if step >= total_steps or (epoch_finished and epoch % cfg.eval_every == 0):
+            if "val" in manifest.splits and manifest.split("val").num_samples:
+                validate()
+            save()
+
+    if ctx.is_main and exit_code == 0:
+        from distributed_train.plots import plot_training_curves
+
+        plot_training_curves(os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "training_curves.png"))
+        log.info(f"done: {step} steps, best val top-1 {best_top1:.4f}; checkpoints in "
+                 f"{checkpoint.checkpoint_dir(run_dir)}")
+    log.close()
+    return exit_code
+
+
+def shard_digests(manifest: Manifest, location: str) -> dict[str, str]:
+    return {url: shard.sha256 for split in manifest.splits for url, shard in
+            zip(manifest.shard_urls(location, split), manifest.split(split).shards)}
+
+
+def check_compatible(meta: dict, cfg: Config, manifest: Manifest) -> None:
+    """Resuming with another model or dataset would silently load the wrong weights: refuse with the reason."""
+    mismatches = [f"{k}: checkpoint {meta[k]!r} vs now {v!r}" for k, v in
+                  (("arch", cfg.arch), ("width", cfg.width), ("classes", manifest.classes)) if meta[k] != v]
+    if mismatches:
+        raise SystemExit(f"{cfg.run_dir} holds a run that cannot be resumed with these settings ("
+                         + "; ".join(mismatches) + "): use another --run-dir")

@@ -1,0 +1,220 @@
+"""The trainer end to end: 2-process torchrun (gloo) on uneven shards, gradients, resumption, preemption, W&B,
+evaluate and predict. Small widths and images keep each run to seconds on a 2-core CPU."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import CLASSES, PYTHON, class_image, python_env
+from distributed_train import EXIT_PREEMPTED
+from wandb_records import history
+
+TINY = ["--arch", "resnet26", "--width", "0.125", "--image-size", "32", "--batch-size", "8"]
+TORCHRUN = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def train_cmd(data, run_dir, *extra, launcher=(PYTHON,)):
+    return [*launcher, "-m", "distributed_train", "--data", str(data), "--run-dir", str(run_dir), *TINY, *extra]
+
+
+def run(cmd, timeout=240, **kw):
+    result = subprocess.run(cmd, env=python_env(), capture_output=True, text=True, timeout=timeout, **kw)
+    return result
+
+
+def records(run_dir, kind):
+    lines = Path(run_dir, "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("kind") == kind]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(uneven_shards, tmp_path_factory):
+    """One 2-process run, 4 epochs, shared by the tests that only read its outputs."""
+    run_dir = tmp_path_factory.mktemp("ddp") / "run"
+    result = run(train_cmd(uneven_shards, run_dir, "--epochs", "4", "--workers", "2", "--log-every", "2",
+                           "--lr", "0.05", "--wandb", "offline", launcher=TORCHRUN))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run_dir, result.stdout
+
+
+def test_two_rank_run_steps_validates_once_and_learns(ddp_run):
+    run_dir, stdout = ddp_run
+    config = json.loads(Path(run_dir, "config.json").read_text())
+    assert config["world_size"] == 2
+    # 144 train samples / 2 ranks / batch 8 = 9 steps per epoch on every rank (ranks that disagreed would hang)
+    train = records(run_dir, "train")
+    assert train[-1]["step"] == 36
+    val = records(run_dir, "val")
+    assert [v["count"] for v in val] == [31] * 4, "every validation sample counted exactly once"
+    assert sum(map(sum, val[-1]["confusion"])) == 31
+    first, last = np.mean([r["loss"] for r in train[:2]]), np.mean([r["loss"] for r in train[-2:]])
+    assert last < first * 0.8, f"training loss did not go down: {first:.3f} -> {last:.3f}"
+    assert val[-1]["top1"] >= 0.9
+    assert set(val[-1]) >= {"top1", "top5", "loss", "per_class_accuracy", "confusion"}
+    assert Path(run_dir, "confusion_matrix.png").stat().st_size > 0
+    assert Path(run_dir, "training_curves.png").stat().st_size > 0
+
+
+def test_checkpoint_is_self_contained_and_weights_only(ddp_run):
+    run_dir, _ = ddp_run
+    state = torch.load(Path(run_dir, "checkpoints", "latest.pt"), weights_only=True)
+    assert state["step"] == 36 and state["epoch"] == 4
+    meta = state["meta"]
+    assert meta["classes"] == CLASSES and len(meta["mean"]) == 3 and meta["arch"] == "resnet26"
+    assert meta["wandb_id"]
+    assert {"model", "optimizer", "scheduler", "scaler", "rng", "config"} <= set(state)
+    assert Path(run_dir, "checkpoints", "best.pt").exists()
+    # keep_checkpoints=3: old step files are dropped
+    assert len(glob.glob(str(Path(run_dir, "checkpoints", "step-*.pt")))) <= 3
+
+
+def test_wandb_offline_run_holds_the_logged_metrics(ddp_run):
+    run_dir, _ = ddp_run
+    [run_file] = glob.glob(str(Path(run_dir, "wandb", "offline-run-*", "run-*.wandb")))
+    rows = history(run_file)
+    train_losses = [r["train/loss"] for r in rows if "train/loss" in r]
+    val_top1 = [r["val/top1"] for r in rows if "val/top1" in r]
+    logged = records(run_dir, "train")
+    assert train_losses == pytest.approx([r["loss"] for r in logged])
+    assert val_top1 == pytest.approx([r["top1"] for r in records(run_dir, "val")])
+    assert any("val/confusion_matrix_table/_type" in r for r in rows), "confusion matrix plot not logged"
+    assert any(any(k.startswith("val/acc_") for k in r) for r in rows), "per-class accuracy not logged"
+
+
+def test_evaluate_cli_counts_every_sample(ddp_run, uneven_shards):
+    run_dir, _ = ddp_run
+    result = run([PYTHON, "-m", "distributed_train.evaluate", "--checkpoint", str(run_dir / "checkpoints/best.pt"),
+                  "--data", str(uneven_shards), "--json", "--workers", "0"])
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["count"] == 31 and report["top1"] >= 0.9
+
+
+def test_predict_names_the_right_class_and_rejects_non_images(ddp_run, tmp_path):
+    run_dir, _ = ddp_run
+    rng = np.random.default_rng(123)
+    paths = []
+    for label in range(3):
+        path = tmp_path / f"class{label}.png"  # not JPEG on purpose: predict decodes any image file
+        Image.fromarray(class_image(label, rng)).save(path)
+        paths.append(str(path))
+    bogus = tmp_path / "notes.jpg"
+    bogus.write_text("not an image")
+    result = run([PYTHON, "-m", "distributed_train.predict", "--checkpoint", str(run_dir / "checkpoints/best.pt"),
+                  *paths, str(bogus), "--json", "--top-k", "2"])
+    assert result.returncode == 1, "a failed file must make the exit code non-zero"
+    predictions = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [p["predictions"][0]["class"] for p in predictions] == CLASSES
+    assert all(len(p["predictions"]) == 2 for p in predictions)
+    assert "notes.jpg: error: not a readable image" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_ddp_gradients_equal_single_process_and_accumulation(tmp_path):
+    script = str(Path(__file__).with_name("ddp_grad_check.py"))
+    outs = {}
+    for mode, launcher in (("ddp", TORCHRUN), ("accum", [PYTHON]), ("full", [PYTHON])):
+        outs[mode] = tmp_path / f"{mode}.pt"
+        result = run([*launcher, script, mode, str(outs[mode])])
+        assert result.returncode == 0, result.stderr[-3000:]
+    grads = {mode: torch.load(path, weights_only=True) for mode, path in outs.items()}
+    for mode in ("ddp", "accum"):
+        for name, g in grads["full"].items():
+            assert torch.allclose(grads[mode][name], g, rtol=1e-4, atol=1e-6), f"{mode}: gradient of {name} differs"
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_kill_and_restart_resumes_mid_epoch_to_the_same_weights(uneven_shards, tmp_path):
+    args = ["--max-steps", "12", "--checkpoint-every", "3", "--workers", "2", "--wandb", "disabled",
+            "--batch-size", "16", "--image-size", "48", "--log-every", "1"]
+    straight = tmp_path / "straight"
+    assert run(train_cmd(uneven_shards, straight, *args)).returncode == 0
+
+    resumed = tmp_path / "resumed"
+    proc = subprocess.Popen(train_cmd(uneven_shards, resumed, *args), env=python_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    latest = resumed / "checkpoints" / "latest.pt"
+    wait_for(latest.exists, 120, "the first checkpoint")
+    os.killpg(proc.pid, signal.SIGKILL)  # no chance to save anything more
+    proc.wait()
+    killed_at = torch.load(latest, weights_only=True)["step"]
+    assert killed_at < 12, "the run finished before it could be killed; the test proves nothing"
+
+    result = run(train_cmd(uneven_shards, resumed, *args))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming at step {killed_at}" in result.stdout
+    steps = [r["step"] for r in records(resumed, "train")]
+    assert steps[steps.index(killed_at) + 1] == killed_at + 1, "the step count did not continue"
+
+    a = torch.load(straight / "checkpoints/latest.pt", weights_only=True)
+    b = torch.load(latest, weights_only=True)
+    assert a["step"] == b["step"] == 12
+    for name, tensor in a["model"].items():
+        assert torch.allclose(tensor.float(), b["model"][name].float(), atol=1e-5), f"{name} differs after resume"
+
+
+def test_sigterm_on_one_rank_stops_all_ranks_with_a_checkpoint(uneven_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = train_cmd(uneven_shards, run_dir, "--epochs", "50", "--workers", "1", "--wandb", "disabled",
+                    "--log-every", "1", "--checkpoint-every", "1000", launcher=TORCHRUN)
+    proc = subprocess.Popen(cmd, env=python_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, 120, "training to start")
+    os.kill(worker_pids(proc.pid)[-1], signal.SIGTERM)  # one rank only: the others must learn it at the next step
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert f"exiting with code {EXIT_PREEMPTED}" in out
+    assert f"exitcode  : {EXIT_PREEMPTED}" in out or f"exitcode: {EXIT_PREEMPTED}" in out.replace("  ", " ")
+    state = torch.load(run_dir / "checkpoints/latest.pt", weights_only=True)
+    assert state["step"] >= 3 and state["step"] < 50 * 9
+
+
+def test_stop_file_makes_a_single_process_exit_with_the_requeue_code(uneven_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(uneven_shards, run_dir, "--epochs", "50", "--workers", "0", "--wandb",
+                                      "disabled", "--log-every", "1"),
+                            env=python_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, 120, "training to start")
+    (run_dir / "STOP").touch()
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, out[-2000:]
+    stopped_at = torch.load(run_dir / "checkpoints/latest.pt", weights_only=True)["step"]
+    assert stopped_at >= 2
+    # the next start removes the stale STOP file and continues from there
+    result = run(train_cmd(uneven_shards, run_dir, "--max-steps", str(stopped_at + 2), "--workers", "0",
+                           "--wandb", "disabled"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"resuming at step {stopped_at}" in result.stdout
+    assert not (run_dir / "STOP").exists()
+
+
+def test_bad_data_location_is_a_one_line_error(tmp_path):
+    result = run(train_cmd(tmp_path / "nowhere", tmp_path / "run", "--wandb", "disabled"))
+    assert result.returncode == 2
+    assert "no manifest at" in result.stderr and "Traceback" not in result.stderr
+
+
+def worker_pids(agent_pid: int) -> list[int]:
+    """The rank processes torchrun started, ordered by rank (children of the agent, by start order)."""
+    def children(pid):
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+        return sorted(map(int, out))
+    wait_for(lambda: len(children(agent_pid)) >= 2, 30, "worker processes")
+    return children(agent_pid)
