@@ -3,6 +3,7 @@ import sys
 
 from distributed_train.config import parse_args
 from shard_tools.manifest import ManifestError
+from shard_tools.remote import ShardReadError
 
 
 def main(argv=None) -> int:
@@ -14,6 +15,10 @@ def main(argv=None) -> int:
     except ManifestError as e:
         print(f"distributed_train: {e}", file=sys.stderr)
         return 2
+    except ShardReadError as e:
+        # Raised in a DataLoader worker, the message carries the worker's traceback: its last line is the reason.
+        print(f"distributed_train: error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ class Config:
     wandb_project: str = _opt("distributed-train", "W&B project name")
     on_shard_error: str = _opt("fail", "fail | skip: what to do with a shard that cannot be read after retries")
     verify_shards: bool = _opt(False, "check each shard's sha256 from the manifest while streaming")
+    record_samples: bool = _opt(False, "audit: each rank writes the keys it trained on to RUN/samples/")
 
     def validate(self) -> None:
         problems = []

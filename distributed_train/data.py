@@ -27,7 +27,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
 from shard_tools.manifest import Manifest
-from shard_tools.remote import iter_shard_samples
+from shard_tools.remote import ShardReadError, iter_shard_samples, redact
 
 # torchvision 0.29 deprecates torchvision.io's decoders in favour of TorchCodec, which is not a dependency here.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities", category=DeprecationWarning)
@@ -119,7 +119,8 @@ def read_pieces(pieces: list[Piece], count: int, read_piece: Callable[[Piece], I
                     return
         if not repeat or produced == before:
             if repeat:
-                raise RuntimeError(f"no sample could be read from this worker's shards: {[p.url for p in pieces]}")
+                raise ShardReadError("no sample could be read from this worker's shards: "
+                                     + redact(", ".join(sorted({p.url for p in pieces}))))
             return
 
 

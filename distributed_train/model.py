@@ -59,11 +59,11 @@ class Bottleneck(nn.Module):
             self.downsample = nn.Sequential(conv1x1(in_channels, out_channels, stride), nn.BatchNorm2d(out_channels))
 
     def forward(self, x: Tensor) -> Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))  # no ReLU here: the residual branch must be able to subtract
-        return self.relu(out + shortcut)
+        out += x if self.downsample is None else self.downsample(x)  # in place: one activation fewer to allocate
+        return self.relu(out)
 
 
 def scaled_channels(channels: int, width: float) -> int:
@@ -160,7 +160,9 @@ def load_torchvision_state_dict(model: ResNet, state_dict: Mapping[str, Tensor],
                                                      random init with a warning (fine-tuning); strict=True: error
 
     Any other missing, unexpected or differently shaped key means another architecture or width: a ValueError.
-    Returns the keys that were skipped.
+    Returns the keys that were skipped. From a torchvision checkpoint on disk:
+
+        load_torchvision_state_dict(model, torch.load("resnet50-11ad3fa6.pth", weights_only=True))
     """
     ours = model.state_dict()
     missing = sorted(ours.keys() - state_dict.keys())
@@ -173,10 +175,14 @@ def load_torchvision_state_dict(model: ResNet, state_dict: Mapping[str, Tensor],
     mismatched = [k for k, v in ours.items() if state_dict[k].shape != v.shape]
     body_mismatch = [k for k in mismatched if k not in CLASSIFIER_KEYS]
     if body_mismatch:
-        shapes = ", ".join(f"{k}: {tuple(state_dict[k].shape)} vs ours {tuple(ours[k].shape)}" for k in body_mismatch[:3])
-        raise ValueError(f"state dict has other layer shapes ({shapes}); check the arch name and width")
+        first = body_mismatch[0]
+        raise ValueError(
+            f"state dict has other layer shapes in {len(body_mismatch)} tensors (e.g. {first}: "
+            f"{tuple(state_dict[first].shape)}, ours {tuple(ours[first].shape)}); check the arch name and width"
+        )
     if mismatched:
-        classes = f"{state_dict['fc.weight'].shape[0]} classes in the weights, {ours['fc.weight'].shape[0]} in the model"
+        weights_classes, model_classes = state_dict["fc.weight"].shape[0], ours["fc.weight"].shape[0]
+        classes = f"{weights_classes} classes in the weights, {model_classes} in the model"
         if strict:
             raise ValueError(f"classifier does not fit: {classes}")
         warnings.warn(f"classifier not loaded ({classes}): fc keeps its random init", stacklevel=2)

@@ -194,8 +194,10 @@ def _train(cfg: Config, ctx: dist.DistContext) -> int:
         loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
         window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
         fetch_start = time.perf_counter()
-        for images, labels, _ in loader:
+        for images, labels, keys in loader:
             data_wait += time.perf_counter() - fetch_start
+            if cfg.record_samples:
+                record_keys(run_dir, ctx.rank, epoch, keys)
             x = normalize(images.to(device, non_blocking=True), mean, std).contiguous(memory_format=memory_format)
             y = labels.to(device, non_blocking=True)
             batches_done += 1
@@ -258,6 +260,13 @@ def _train(cfg: Config, ctx: dist.DistContext) -> int:
                  f"{checkpoint.checkpoint_dir(run_dir)}")
     log.close()
     return exit_code
+
+
+def record_keys(run_dir: str, rank: int, epoch: int, keys: list[str]) -> None:
+    folder = os.path.join(run_dir, "samples")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"epoch-{epoch:04d}-rank-{rank:05d}.txt"), "a", encoding="utf-8") as f:
+        f.write("".join(k + "\n" for k in keys))
 
 
 def shard_digests(manifest: Manifest, location: str) -> dict[str, str]:
