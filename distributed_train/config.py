@@ -42,6 +42,7 @@ class Config:
     channels_last: str = _opt("auto", "auto | on | off (auto: on for CUDA)")
     sync_bn: bool = _opt(False, "SyncBatchNorm across GPUs (CUDA only)")
     workers: int = _opt(4, "DataLoader worker processes per rank")
+    synthetic: bool = _opt(False, "benchmark: train on one fixed random batch in memory instead of the shards")
     shuffle_buffer: int = _opt(1000, "samples in each worker's shuffle buffer")
     # bookkeeping
     seed: int = _opt(0, "seed for weights init, shard order, shuffling and augmentation")

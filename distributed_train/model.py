@@ -6,7 +6,7 @@ torchvision's too, so ``resnet50`` here and ``torchvision.models.resnet50`` have
 first 1x1 conv as in the original paper: it is what torchvision and NVIDIA's reference use, and is more accurate.
 
     model = build_model("resnet50", num_classes=4)              # what the trainer calls
-    model = build_model("resnet26", num_classes=4, width=0.25)  # ~1/16 of the FLOPs, for CPU runs and tests
+    model = build_model("resnet26", num_classes=4, width=0.25)  # FLOPs scale with width**2: CPU runs, tests
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ validate. Every rank runs the same number of steps (see data.py), so collectives
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import multiprocessing
@@ -186,11 +187,15 @@ def _train(cfg: Config, ctx: dist.DistContext) -> int:
     model.train()
     exit_code = 0
     while step < total_steps:
-        loader, _ = train_loader(manifest, cfg.data, rank=ctx.rank, world_size=ctx.world_size,
-                                 batch_size=cfg.batch_size, accum_steps=cfg.accum_steps, image_size=cfg.image_size,
-                                 workers=cfg.workers, seed=cfg.seed, epoch=epoch, skip_batches=batches_done,
-                                 min_crop_scale=cfg.min_crop_scale, shuffle_buffer=cfg.shuffle_buffer,
-                                 pin_memory=device.type == "cuda", read_piece=read_piece)
+        if cfg.synthetic:  # the same loop without the data pipeline: the speed ceiling it is measured against
+            loader = synthetic_batches(cfg, manifest.num_classes, micro_per_epoch - batches_done)
+        else:
+            loader, _ = train_loader(manifest, cfg.data, rank=ctx.rank, world_size=ctx.world_size,
+                                     batch_size=cfg.batch_size, accum_steps=cfg.accum_steps,
+                                     image_size=cfg.image_size, workers=cfg.workers, seed=cfg.seed, epoch=epoch,
+                                     skip_batches=batches_done, min_crop_scale=cfg.min_crop_scale,
+                                     shuffle_buffer=cfg.shuffle_buffer, pin_memory=device.type == "cuda",
+                                     read_piece=read_piece)
         loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
         window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
         fetch_start = time.perf_counter()
@@ -260,6 +265,14 @@ def _train(cfg: Config, ctx: dist.DistContext) -> int:
                  f"{checkpoint.checkpoint_dir(run_dir)}")
     log.close()
     return exit_code
+
+
+def synthetic_batches(cfg: Config, num_classes: int, count: int):
+    images = torch.randint(0, 256, (cfg.batch_size, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8)
+    labels = torch.randint(0, num_classes, (cfg.batch_size,))
+    if torch.cuda.is_available():
+        images, labels = images.pin_memory(), labels.pin_memory()
+    return itertools.repeat((images, labels, [""] * cfg.batch_size), count)
 
 
 def record_keys(run_dir: str, rank: int, epoch: int, keys: list[str]) -> None:
