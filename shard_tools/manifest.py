@@ -141,7 +141,7 @@ class Manifest:
 
         Remote locations (http(s)://, s3://, other fsspec URLs) go through `shard_tools.remote.read_bytes`.
         """
-        path = manifest_location(location)
+        path = manifest_location(os.fspath(location))
         try:
             if "://" in path:
                 from shard_tools.remote import read_bytes
@@ -164,7 +164,7 @@ class Manifest:
 
     def shard_urls(self, location: str, split: str) -> list[str]:
         """Full path/URL of each shard of `split`, in manifest order."""
-        base = dataset_root(location)
+        base = dataset_root(os.fspath(location))
         return [join_location(base, sh.name) for sh in self.split(split).shards]
 
 
@@ -192,6 +192,9 @@ def write_json_atomic(path: str, obj) -> None:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600: others on a shared cluster must be able to read it
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -1,0 +1,249 @@
+"""Images + labels CSV -> WebDataset shards + manifest.json. The steps, and who runs them:
+
+    0 plan    check the CSV and settings, list the rows to encode in chunks (OUT/_plan/)      `build` | `plan`
+    1 encode  decode each image ONCE: stored bytes to a spool, perceptual hash, exact pixel   `build` | SLURM array
+              sums (chunks in parallel; see encode.py)                                                 `build --slice`
+    2 layout  group near-duplicates, split, shuffle, cut into shards (needs every hash)        `build` | `merge`
+    3 pack    write each shard from the spool with webdataset's TarWriter (workers)             `build` | `merge`
+    4 finish  skipped.csv, _info.json, then manifest.json last and atomically                  `build` | `merge`
+
+The split must see every image's hash before any shard can be written (leakage-safety), and decoding is the
+expensive part; encoding first and packing later keeps it to one decode per image in every mode.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import os
+import shutil
+
+from tqdm import tqdm
+
+from shard_tools.encode import Chunk, encode_chunk, read_chunk
+from shard_tools.labels import Skipped, load_rows
+from shard_tools.manifest import MANIFEST_NAME, SPLITS, Manifest, ShardInfo, SplitInfo, write_json_atomic
+from shard_tools.plan import PLAN_DIR, BuildError, BuildSettings, Layout, ShardTask, WorkList, make_layout
+from shard_tools.pool import imap, worker_pool
+from shard_tools.writer import write_shard_job
+
+SKIPPED_NAME = "skipped.csv"
+INFO_NAME = "_info.json"  # timm's ReaderWds looks for `_info.json` in the dataset root
+
+
+class StrictError(BuildError):
+    """--strict and some rows were skipped (everything else was still written)."""
+
+
+# --- the output folder -------------------------------------------------------------------------------------------
+def _owned_paths(out: str) -> list[str]:
+    """Files and folders a build writes; removed on --overwrite (anything else in OUT is left alone)."""
+    names = [SKIPPED_NAME, INFO_NAME, PLAN_DIR]
+    patterns = [f"{split}-*.tar" for split in SPLITS] + [f".{split}-*.tar.partial" for split in SPLITS]
+    return [os.path.join(out, n) for n in names] + [p for pat in patterns for p in glob.glob(os.path.join(out, pat))]
+
+
+def prepare_out(out: str, overwrite: bool) -> None:
+    """Refuse a non-empty OUT unless overwriting; then drop the old manifest FIRST so that no reader trusts old
+    shards while they are being replaced (an interrupted rebuild leaves no manifest at all)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise BuildError(f"--out {out} exists and is not a folder")
+    if os.path.isdir(out) and os.listdir(out):
+        if not overwrite:
+            raise BuildError(f"output folder {out} already exists and is not empty; pass --overwrite to replace it")
+        manifest = os.path.join(out, MANIFEST_NAME)
+        if os.path.exists(manifest):
+            os.remove(manifest)
+        for path in _owned_paths(out):
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+    os.makedirs(out, exist_ok=True)
+
+
+# --- steps -------------------------------------------------------------------------------------------------------
+def plan_dataset(settings: BuildSettings, out: str, *, overwrite: bool = False) -> WorkList:
+    """Step 0, no image opened yet: check the settings and CSV, refuse/clear OUT, save the work list in OUT/_plan."""
+    out = os.fspath(out)
+    settings.check()
+    rows, skipped, total_rows = load_rows(settings.images, settings.labels, settings.id_column, settings.label_column)
+    prepare_out(out, overwrite)  # after the CSV checks: unusable input must not cost the user an old dataset
+    work = WorkList(settings, os.path.join(out, PLAN_DIR), rows, skipped, total_rows)
+    work.save()
+    return work
+
+
+def _encode(chunks: list[Chunk], pool, progress: bool) -> list[dict]:
+    """Step 1: decode every image once (see encode.py), chunks in parallel."""
+    records = []
+    with tqdm(total=sum(len(c.rows) for c in chunks), desc="encode", unit="img", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for chunk_records in imap(pool, encode_chunk, chunks):
+            records += chunk_records
+            bar.update(len(chunk_records))
+    return records
+
+
+def _pack(tasks: list[ShardTask], out: str, pool, progress: bool) -> dict[str, tuple[int, str]]:
+    """Step 3: write the shards, biggest first so no worker is left alone with a big one at the end."""
+    tasks = sorted(tasks, key=lambda t: -len(t.samples))
+    results = {}
+    with tqdm(total=sum(len(t.samples) for t in tasks), desc="write", unit="img", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for task, (name, size, sha256) in zip(tasks, imap(pool, write_shard_job, [(t, out) for t in tasks])):
+            results[name] = (size, sha256)
+            bar.update(len(task.samples))
+    return results
+
+
+def _finish(work: WorkList, out: str, records: list[dict], pool, progress: bool) -> Manifest:
+    """Steps 2-4: layout (duplicates, split, order), pack the shards, write the manifest; then drop the spool."""
+    layout = make_layout(work.settings, records, work.skipped)
+    columns = ["row", "id", "label", "cls", "hash", "group", "split", "shard", "passthrough"]
+    layout.samples[columns].to_csv(os.path.join(work.folder, "plan.csv"), index=False)  # for people and tests
+    spool = os.path.join(work.folder, "chunks")
+    shards = _pack(layout.shard_tasks(spool), out, pool, progress)
+    manifest = finalize(work, layout, shards, out)
+    shutil.rmtree(spool, ignore_errors=True)  # as big as the shards themselves
+    return manifest
+
+
+def parse_slice(text: str) -> tuple[int, int]:
+    """'K/N' -> (K, N) with 0 <= K < N."""
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise BuildError(f"--slice must look like K/N (e.g. 3/8), got '{text}'") from None
+    if not 0 <= k < n:
+        raise BuildError(f"--slice {text}: need 0 <= K < N")
+    return k, n
+
+
+def write_slice(plan_dir: str, k: int, n: int, *, workers: int = 1, progress: bool = True) -> int:
+    """Step 1 for one SLURM array task: encode the chunks with index % n == k that are not done yet (a requeued
+    task resumes). Returns the number of chunks encoded."""
+    work = WorkList.load(plan_dir)
+    chunks = [c for c in work.chunks() if c.index % n == k and not c.done()]
+    with worker_pool(workers) as pool:
+        _encode(chunks, pool, progress)
+    return len(chunks)
+
+
+def merge(out: str, *, workers: int = 1, progress: bool = True) -> Manifest:
+    """After a SLURM array: steps 2-4 from the encoded chunks. Refuses while any chunk is missing."""
+    out = os.fspath(out)
+    work = WorkList.load(os.path.join(out, PLAN_DIR))
+    chunks = work.chunks()
+    missing = [c.index for c in chunks if not c.done()]
+    if missing:
+        listed = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
+        raise BuildError(f"{len(missing)} of {len(chunks)} image chunks are not encoded yet (chunk {listed}; chunk i "
+                         "belongs to slice i % N): rerun those `build --plan ... --slice K/N` tasks, then merge")
+    records = [r for c in chunks for r in read_chunk(c)]
+    stale = os.path.join(out, MANIFEST_NAME)  # from an earlier merge: it must not vouch for shards being rewritten
+    if os.path.exists(stale):
+        os.remove(stale)
+    with worker_pool(workers) as pool:
+        return _finish(work, out, records, pool, progress)
+
+
+def finalize(work: WorkList, layout: Layout, shards: dict[str, tuple[int, str]], out: str) -> Manifest:
+    """skipped.csv, _info.json and, last, manifest.json. Everything merged in shard order from exact integers, so
+    the result does not depend on which worker or slice did what."""
+    splits = {}
+    for task in layout.shard_tasks(""):
+        size, sha256 = shards[task.name]
+        split = splits.setdefault(task.split, SplitInfo(0, [0] * len(layout.classes)))
+        split.shards.append(ShardInfo(task.name, len(task.samples), size, sha256))
+        split.num_samples += len(task.samples)
+        for sample in task.samples:
+            split.class_counts[sample[3]] += 1
+    if "train" not in splits:
+        raise BuildError("no training image could be written; see skipped.csv")
+    _write_skipped(os.path.join(out, SKIPPED_NAME), layout.skipped)
+    _write_info(os.path.join(out, INFO_NAME), out, splits)
+    written, s = len(layout.samples), work.settings
+    if written + len(layout.skipped) != work.total_rows:
+        raise AssertionError("every CSV row must be written or skipped")
+    manifest = Manifest(
+        classes=layout.classes,
+        splits=splits,
+        stats=layout.pixel_sums("train").channel_stats(),
+        image_size=s.size,
+        duplicate_groups=layout.duplicate_groups,
+        source={
+            "images": os.path.abspath(s.images),
+            "labels": os.path.abspath(s.labels),
+            "rows": work.total_rows,
+            "written": written,
+            "skipped": len(layout.skipped),
+            "passthrough": int(layout.samples["passthrough"].sum()),
+            "duplicate_images": layout.duplicate_images,
+            "seed": s.seed,
+            "val_fraction": s.val_fraction,
+            "quality": s.quality,
+            "shard_size": s.shard_size,
+            "max_pixels": s.max_pixels,
+            "dup_distance": s.dup_distance,
+            "class_order": "numeric" if _all_integers(layout.classes) else "alphabetical",
+        },
+    )
+    manifest.write(out)
+    return manifest
+
+
+def _all_integers(names: list[str]) -> bool:
+    try:
+        [int(n) for n in names]
+        return True
+    except ValueError:
+        return False
+
+
+def _write_skipped(path: str, skipped: list[Skipped]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["row", "id", "reason"])
+        w.writerows((s.row, s.id, s.reason) for s in skipped)
+
+
+def _write_info(path: str, out: str, splits: dict[str, SplitInfo]) -> None:
+    """timm/webdataset-style dataset info, so `timm --dataset wds/...` and similar readers find counts per shard."""
+    info = {
+        "name": os.path.basename(os.path.abspath(out)),
+        "splits": {
+            name: {
+                "name": name,
+                "num_samples": s.num_samples,
+                "filenames": [sh.name for sh in s.shards],
+                "shard_lengths": [sh.num_samples for sh in s.shards],
+            }
+            for name, s in splits.items()
+        },
+    }
+    write_json_atomic(path, info)
+
+
+# --- all in one --------------------------------------------------------------------------------------------------
+def build(settings: BuildSettings, out: str, *, workers: int = 1, overwrite: bool = False,
+          progress: bool = True) -> Manifest:
+    """Every step in one call, one worker pool for all of them."""
+    work = plan_dataset(settings, out, overwrite=overwrite)
+    with worker_pool(workers) as pool:
+        records = _encode(work.chunks(), pool, progress)
+        return _finish(work, os.fspath(out), records, pool, progress)
+
+
+def build_dataset(images: str, labels_csv: str, out: str, *, val_fraction: float = 0.1, seed: int = 0,
+                  workers: int = 1, size: int = 256, quality: int = 90, shard_size: int = 1000,
+                  strict: bool = False, overwrite: bool = False, max_pixels: int | None = BuildSettings.max_pixels,
+                  id_column: str | None = None, label_column: str | None = None,
+                  dup_distance: int = BuildSettings.dup_distance, progress: bool = True) -> Manifest:
+    """The Python API of `python -m shard_tools build`. Raises BuildError/LabelsError for unusable input, and
+    StrictError (after writing everything) when `strict` and some rows were skipped."""
+    settings = BuildSettings(images, labels_csv, val_fraction, seed, size, quality, shard_size, max_pixels,
+                             id_column, label_column, dup_distance)
+    manifest = build(settings, out, workers=workers, overwrite=overwrite, progress=progress)
+    if strict and manifest.source["skipped"]:
+        raise StrictError(f"--strict: {manifest.source['skipped']} rows were skipped, see {os.path.join(out, SKIPPED_NAME)}")
+    return manifest

@@ -1,0 +1,120 @@
+"""The labels CSV -> rows to write (id, label, image path) or rows skipped with a reason, and the class order.
+
+Layout (the seed's): a header line, then one row per image; the first column is the image id, the second its label,
+unless `id_column` / `label_column` name others. Ids are read as strings (so `00042` stays `00042`), and resolve to
+`IMAGES/<id>` when the id already has an extension, else `IMAGES/<id>.jpg` (or .jpeg/.png/.webp/.JPG/...). Ids may
+contain a sub-path inside IMAGES, but never leave it.
+
+Class order: the distinct labels sorted by name -- or by numeric value when every label is an integer, so a dataset
+labelled 0..K-1 keeps its own meaning for each index (class "10" comes after "9", not after "1").
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pandas as pd
+
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".JPG", ".JPEG", ".PNG", ".WEBP")
+
+
+class LabelsError(ValueError):
+    """The CSV or images folder cannot be used at all; the message is one line saying what to do."""
+
+
+@dataclass(frozen=True)
+class Row:
+    row: int  # 0-based data row of the CSV (header excluded); also the sample key in the shards
+    id: str
+    label: str
+    path: str
+
+
+@dataclass(frozen=True)
+class Skipped:
+    row: int
+    id: str
+    reason: str
+
+
+def read_labels(csv_path: str, id_column: str | None = None, label_column: str | None = None) -> pd.DataFrame:
+    """Two string columns `id`, `label`, indexed by CSV data row."""
+    if not os.path.isfile(csv_path):
+        raise LabelsError(f"labels CSV not found: {csv_path}")
+    try:
+        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except pd.errors.EmptyDataError:
+        raise LabelsError(f"{csv_path} is empty: expected a header line (e.g. 'id,label') and one row per image") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise LabelsError(f"{csv_path} is not a readable CSV: {str(e).strip().splitlines()[0]}") from None
+    columns = list(df.columns)
+    if id_column is None and label_column is None and len(columns) < 2:
+        raise LabelsError(
+            f"{csv_path} needs two columns (image id, label) but has {len(columns)} ({', '.join(columns) or 'none'}); "
+            "or name them with --id-column/--label-column"
+        )
+    id_col = id_column if id_column is not None else columns[0]
+    label_col = label_column if label_column is not None else columns[1]
+    missing = [c for c in (id_col, label_col) if c not in columns]
+    if missing:
+        raise LabelsError(f"{csv_path} has no column {', '.join(repr(c) for c in missing)} (it has: {', '.join(columns)})")
+    if len(df) == 0:
+        raise LabelsError(f"{csv_path} has a header but no rows: nothing to shard")
+    return pd.DataFrame({"id": df[id_col].str.strip(), "label": df[label_col].str.strip()})
+
+
+def resolve_image(images_dir: str, image_id: str) -> tuple[str | None, str | None]:
+    """(path, None) for the file of `image_id`, or (None, reason)."""
+    if not image_id:
+        return None, "empty id"
+    if os.path.isabs(image_id) or image_id.startswith(("/", "\\")):
+        return None, "id is an absolute path; ids must be relative to the images folder"
+    root = os.path.abspath(images_dir)
+    base = os.path.normpath(os.path.join(root, image_id))
+    # Checked on the id's text, not with symlinks resolved: a folder of links into a photo store is legitimate.
+    if os.path.commonpath([root, base]) != root:
+        return None, "id points outside the images folder"
+    candidates = [base] if os.path.splitext(image_id)[1] else []
+    candidates += [base + ext for ext in EXTENSIONS]
+    for path in candidates:
+        if os.path.isfile(path):
+            return path, None
+    tried = image_id if os.path.splitext(image_id)[1] else f"{image_id}.jpg/.jpeg/.png/.webp"
+    return None, f"image file not found: {tried} in {images_dir}"
+
+
+def class_order(labels) -> list[str]:
+    """Distinct labels in class-index order (see the module docstring)."""
+    names = set(labels)
+    try:
+        return sorted(names, key=lambda name: (int(name), name))  # "1" and "01" both parse: keep them apart
+    except ValueError:
+        return sorted(names)
+
+
+def load_rows(images_dir: str, csv_path: str, id_column: str | None = None, label_column: str | None = None):
+    """-> (rows, skipped, total_rows): every CSV row is in exactly one of `rows` and `skipped`."""
+    if not os.path.isdir(images_dir):
+        raise LabelsError(f"images folder not found: {images_dir}")
+    df = read_labels(csv_path, id_column, label_column)
+    rows, skipped, seen = [], [], {}
+    for i, (image_id, label) in enumerate(zip(df["id"], df["label"])):
+        if image_id in seen:
+            skipped.append(Skipped(i, image_id, f"duplicate id (first seen in row {seen[image_id]})"))
+            continue
+        seen[image_id] = i
+        if not label:
+            skipped.append(Skipped(i, image_id, "empty label"))
+            continue
+        path, reason = resolve_image(images_dir, image_id)
+        if path is None:
+            skipped.append(Skipped(i, image_id, reason))
+            continue
+        rows.append(Row(i, image_id, label, path))
+    if not rows:
+        first = skipped[0]
+        raise LabelsError(
+            f"none of the {len(df)} rows of {csv_path} has a usable image in {images_dir} "
+            f"(row {first.row}, id '{first.id}': {first.reason})"
+        )
+    return rows, skipped, len(df)

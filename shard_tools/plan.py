@@ -1,0 +1,168 @@
+"""The build's settings, its work list (OUT/_plan/) and, once every image is encoded, the layout: which sample goes
+to which split, shard and position.
+
+The layout depends only on the CSV, the image contents and the settings (never on the number of workers or SLURM
+slices), so every way of running a build writes the same bytes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+
+from shard_tools.encode import Chunk, chunk_rows
+from shard_tools.images import DEFAULT_MAX_PIXELS
+from shard_tools.labels import Row, Skipped, class_order
+from shard_tools.manifest import SPLITS, write_json_atomic
+from shard_tools.split import DEFAULT_MAX_DISTANCE, assign_splits, count_duplicate_groups, group_near_duplicates
+from shard_tools.stats import PixelSums
+
+PLAN_DIR = "_plan"
+
+
+class BuildError(ValueError):
+    """A build that cannot start or finish; the message is one line saying what to do."""
+
+
+@dataclass
+class BuildSettings:
+    """Everything that determines the output bytes (and nothing that does not, like the worker count)."""
+
+    images: str
+    labels: str
+    val_fraction: float = 0.1
+    seed: int = 0
+    size: int = 256
+    quality: int = 90
+    shard_size: int = 1000
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    id_column: str | None = None
+    label_column: str | None = None
+    dup_distance: int = DEFAULT_MAX_DISTANCE
+
+    def __post_init__(self):
+        self.images, self.labels = os.fspath(self.images), os.fspath(self.labels)  # accept pathlib.Path too
+
+    def check(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise BuildError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.size < 1 or self.shard_size < 1:
+            raise BuildError("--size and --shard-size must be positive")
+        if not 1 <= self.quality <= 100:
+            raise BuildError(f"--quality must be in 1..100, got {self.quality}")
+        if self.max_pixels is not None and self.max_pixels < 1:
+            raise BuildError("--max-pixels must be positive")
+        if not 0 <= self.dup_distance <= 63:
+            raise BuildError("--dup-distance must be in 0..63")
+
+
+@dataclass
+class WorkList:
+    """What `plan` decides before any image is opened: the rows to encode, in chunks, and the rows already skipped
+    by the CSV checks. Saved as OUT/_plan/{plan.json,rows.csv} so SLURM array tasks can share it."""
+
+    settings: BuildSettings
+    folder: str  # OUT/_plan
+    rows: list[Row]
+    skipped: list[Skipped]
+    total_rows: int
+
+    def chunks(self) -> list[Chunk]:
+        s = self.settings
+        folder = os.path.join(self.folder, "chunks")
+        return [Chunk(i, [(r.row, r.id, r.label, r.path) for r in part], folder, s.size, s.quality, s.max_pixels)
+                for i, part in enumerate(chunk_rows(self.rows, self.total_rows))]
+
+    def save(self) -> None:
+        os.makedirs(os.path.join(self.folder, "chunks"), exist_ok=True)
+        pd.DataFrame([asdict(r) for r in self.rows], columns=["row", "id", "label", "path"]).to_csv(
+            os.path.join(self.folder, "rows.csv"), index=False)
+        meta = {"settings": asdict(self.settings), "total_rows": self.total_rows,
+                "skipped": [asdict(s) for s in self.skipped]}
+        write_json_atomic(os.path.join(self.folder, "plan.json"), meta)  # last: marks a complete work list
+
+    @classmethod
+    def load(cls, folder: str) -> "WorkList":
+        folder = os.fspath(folder)
+        try:
+            with open(os.path.join(folder, "plan.json"), encoding="utf-8") as f:
+                meta = json.load(f)
+            df = pd.read_csv(os.path.join(folder, "rows.csv"), dtype=str, keep_default_na=False)
+        except (OSError, ValueError) as e:
+            raise BuildError(f"no usable plan in {folder} ({e}); run `python -m shard_tools plan ...` first") from None
+        rows = [Row(int(r), i, lab, p) for r, i, lab, p in zip(df["row"], df["id"], df["label"], df["path"])]
+        return cls(BuildSettings(**meta["settings"]), folder, rows, [Skipped(**s) for s in meta["skipped"]],
+                   meta["total_rows"])
+
+
+@dataclass
+class ShardTask:
+    """One shard to pack: where each sample's stored bytes are, in order."""
+
+    name: str
+    split: str
+    samples: list[tuple[int, str, str, int, int, int, int]]  # (row, id, label, class, chunk, offset, length)
+    spool_folder: str
+
+
+@dataclass
+class Layout:
+    classes: list[str]
+    samples: pd.DataFrame  # one row per sample, in split/shard/position order
+    skipped: list[Skipped]
+    duplicate_groups: int
+    duplicate_images: int
+
+    def shard_tasks(self, spool_folder: str) -> list[ShardTask]:
+        """Every shard, train shards first, in name order (the global shard index)."""
+        tasks = []
+        for name, part in self.samples.groupby("shard", sort=False):
+            cols = [part[c].tolist() for c in ("row", "id", "label", "cls", "chunk", "offset", "length")]
+            tasks.append(ShardTask(name, part["split"].iloc[0], list(zip(*cols)), spool_folder))
+        return tasks
+
+    def pixel_sums(self, split: str) -> PixelSums:
+        """Exact sums over every stored pixel of a split (integer addition: order does not matter)."""
+        total = PixelSums()
+        for d in self.samples.loc[self.samples["split"] == split, "pixels"]:
+            total = total + PixelSums.from_dict(d)
+        return total
+
+
+def shard_names(split: str, n: int, shard_size: int) -> list[str]:
+    """Shard name of each of `n` consecutive samples: ceil(n / shard_size) shards of equal size (within one)."""
+    num_shards = math.ceil(n / shard_size)
+    index = np.arange(n) * num_shards // max(n, 1)
+    return [f"{split}-{i:06d}.tar" for i in index]
+
+
+def make_layout(settings: BuildSettings, records: list[dict], skipped: list[Skipped]) -> Layout:
+    """From every row's encode record: group near-duplicates, split, shuffle within each split, cut into shards."""
+    kept = sorted((r for r in records if "reason" not in r), key=lambda r: r["row"])
+    skipped = sorted(skipped + [Skipped(r["row"], r["id"], r["reason"]) for r in records if "reason" in r],
+                     key=lambda s: s.row)
+    if not kept:
+        first = skipped[0]
+        raise BuildError(f"no image in {settings.images} could be read (row {first.row}, id '{first.id}': {first.reason})")
+    df = pd.DataFrame(kept)
+    classes = class_order(df["label"])  # from the rows that survived, so every class has samples
+    df["cls"] = df["label"].map({name: i for i, name in enumerate(classes)})
+    hashes = np.array([int(h, 16) for h in df["hash"]], dtype=np.uint64)
+    groups = group_near_duplicates(hashes, settings.dup_distance)
+    df["group"] = df["row"].to_numpy()[groups]  # name a group by its first CSV row: stable and readable
+    is_val = assign_splits(df["cls"].to_numpy(), groups, len(classes), settings.val_fraction, settings.seed)
+    df["split"] = np.where(is_val, "val", "train")
+    # Sample order inside a split is a seeded shuffle, so each shard is a random mix of classes.
+    rng = np.random.default_rng([settings.seed, 1])
+    parts = []
+    for split in SPLITS:
+        part = df[df["split"] == split]
+        part = part.iloc[rng.permutation(len(part))].copy()
+        part["shard"] = shard_names(split, len(part), settings.shard_size)
+        parts.append(part)
+    n_groups, n_images = count_duplicate_groups(groups)
+    return Layout(classes, pd.concat(parts, ignore_index=True), skipped, n_groups, n_images)

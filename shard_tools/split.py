@@ -1,0 +1,90 @@
+"""Leakage-safe train/val assignment: near-duplicate images are grouped, and whole groups go to one split.
+
+1. Grouping: two images whose 64-bit perceptual hashes differ in at most `max_distance` bits are linked, and linked
+   images form a group (union-find, so A~B and B~C put A, B, C together). To avoid comparing all n^2 pairs the hash
+   is cut into `max_distance + 1` bands: by the pigeonhole principle two hashes within the distance agree exactly on
+   at least one band, so only images sharing a band value are compared.
+2. Splitting: stratified per class and deterministic for a seed. Groups are visited in a seeded random order; a group
+   counts towards the class most of its images carry, and goes to val when that brings the class's val count closer
+   to its quota round(val_fraction * class size), never taking a class's last training image.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+DEFAULT_MAX_DISTANCE = 5  # real photos: re-saved copies differ in 0-4 bits, the closest other shots in 5+, most in 10+
+
+
+def _find(parent: np.ndarray, i: int) -> int:
+    while parent[i] != i:
+        parent[i] = parent[parent[i]]  # path halving
+        i = parent[i]
+    return i
+
+
+def _union(parent: np.ndarray, a: int, b: int) -> None:
+    ra, rb = _find(parent, a), _find(parent, b)
+    if ra != rb:
+        parent[max(ra, rb)] = min(ra, rb)  # the smallest index is the root: group ids do not depend on visit order
+
+
+def group_near_duplicates(hashes: np.ndarray, max_distance: int = DEFAULT_MAX_DISTANCE) -> np.ndarray:
+    """Group id per item (the smallest index in its group) for uint64 `hashes`."""
+    hashes = np.asarray(hashes, dtype=np.uint64)
+    # Identical hashes first (cheap and common: exact copies): each item points at the first item with its hash,
+    # which is a valid union-find forest. Then only the distinct values are compared.
+    unique, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+    parent = first[inverse].copy()
+    if max_distance > 0 and len(unique) > 1:
+        bands = np.array_split(np.arange(64), max_distance + 1)
+        for bits in bands:
+            mask = np.uint64((1 << len(bits)) - 1)
+            keys = (unique >> np.uint64(bits[0])) & mask
+            order = np.argsort(keys, kind="stable")
+            starts = np.flatnonzero(np.r_[True, keys[order][1:] != keys[order][:-1], True])
+            for lo, hi in zip(starts[:-1], starts[1:]):
+                if hi - lo < 2:
+                    continue
+                members = order[lo:hi]
+                h = unique[members]
+                close = np.bitwise_count(h[:, None] ^ h[None, :]) <= max_distance
+                for a, b in zip(*np.nonzero(np.triu(close, k=1))):
+                    _union(parent, int(first[members[a]]), int(first[members[b]]))
+    return np.array([_find(parent, i) for i in range(len(hashes))], dtype=np.int64)
+
+
+def _round_half_up(x: float) -> int:
+    return math.floor(x + 0.5)
+
+
+def assign_splits(classes: np.ndarray, groups: np.ndarray, num_classes: int, val_fraction: float, seed: int) -> np.ndarray:
+    """Boolean array, True = validation, for items with class index `classes` and group ids `groups`."""
+    classes, groups = np.asarray(classes), np.asarray(groups)
+    is_val = np.zeros(len(classes), dtype=bool)
+    if val_fraction <= 0:
+        return is_val
+    group_ids, inverse = np.unique(groups, return_inverse=True)
+    by_group = np.argsort(inverse, kind="stable")  # one sort instead of a scan per group: O(n log n), not O(n^2)
+    members = np.split(by_group, np.flatnonzero(np.diff(inverse[by_group])) + 1)
+    # A group with mixed labels counts for its majority class (ties: the lower class index); it is never split.
+    majority = np.array([np.bincount(classes[m], minlength=num_classes).argmax() for m in members])
+    sizes = np.array([len(m) for m in members])
+    class_size = np.bincount(majority, weights=sizes, minlength=num_classes).astype(int)
+    quota = [_round_half_up(val_fraction * n) for n in class_size]
+    taken = [0] * num_classes
+    rng = np.random.default_rng(seed)
+    for g in rng.permutation(len(group_ids)):
+        c, s = majority[g], sizes[g]
+        closer = abs(taken[c] + s - quota[c]) < abs(taken[c] - quota[c])
+        if closer and taken[c] + s < class_size[c]:
+            is_val[members[g]] = True
+            taken[c] += s
+    return is_val
+
+
+def count_duplicate_groups(groups: np.ndarray) -> tuple[int, int]:
+    """(groups with >= 2 images, images in such groups)."""
+    sizes = np.bincount(np.unique(groups, return_inverse=True)[1])
+    return int((sizes >= 2).sum()), int(sizes[sizes >= 2].sum())

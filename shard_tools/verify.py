@@ -1,0 +1,80 @@
+"""Check a built dataset against its manifest: every shard's bytes, sha256 and samples, every image decodes."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import webdataset as wds
+from torchvision.io import decode_jpeg  # the trainer's decoder (libjpeg-turbo), so "decodes" means the same thing
+
+from shard_tools.manifest import Manifest, ManifestError, dataset_root
+from shard_tools.writer import file_sha256
+
+
+def verify_dataset(location: str) -> list[str]:
+    """Problems found, one line each (empty = OK). Decodes with torchvision, as the trainer does."""
+    try:
+        manifest = Manifest.read(location)
+    except ManifestError as e:
+        return [str(e)]
+    root = dataset_root(location)
+    problems, keys = [], set()
+    for split_name, split in manifest.splits.items():
+        counts = [0] * manifest.num_classes
+        for shard in split.shards:
+            path = os.path.join(root, shard.name)
+            if not os.path.isfile(path):
+                problems.append(f"{shard.name}: missing")
+                continue
+            if os.path.getsize(path) != shard.bytes:
+                problems.append(f"{shard.name}: {os.path.getsize(path)} bytes, manifest says {shard.bytes}")
+            if file_sha256(path) != shard.sha256:
+                problems.append(f"{shard.name}: sha256 differs from the manifest (corrupted or replaced)")
+            n = 0
+            try:
+                for sample in wds.WebDataset(path, shardshuffle=False, empty_check=False):
+                    n += 1
+                    problem = _check_sample(sample, manifest, keys)
+                    if problem:
+                        problems.append(f"{shard.name}: sample {sample.get('__key__')}: {problem}")
+                    else:
+                        counts[int(sample["cls"])] += 1
+            except Exception as e:  # a broken tar stream: report it and go on with the next shard
+                problems.append(f"{shard.name}: unreadable after {n} samples ({type(e).__name__}: {e})")
+            if n != shard.num_samples:
+                problems.append(f"{shard.name}: {n} samples, manifest says {shard.num_samples}")
+        if not problems and counts != split.class_counts:
+            problems.append(f"split '{split_name}': class counts {counts}, manifest says {split.class_counts}")
+    return problems
+
+
+def _check_sample(sample: dict, manifest: Manifest, keys: set) -> str | None:
+    missing = [k for k in ("jpg", "cls", "json") if k not in sample]
+    if missing:
+        return f"no {', '.join(missing)}"
+    key = sample["__key__"]
+    if key in keys:
+        return "key appears twice in the dataset"
+    keys.add(key)
+    try:
+        cls = int(sample["cls"])
+    except ValueError:
+        return f"cls is not an integer: {sample['cls'][:20]!r}"
+    if not 0 <= cls < manifest.num_classes:
+        return f"class index {cls} outside 0..{manifest.num_classes - 1}"
+    try:
+        meta = json.loads(sample["json"])
+    except ValueError:
+        return "json does not parse"
+    if meta.get("label") != manifest.classes[cls]:
+        return f"label {meta.get('label')!r} does not match class {cls} ({manifest.classes[cls]!r})"
+    try:
+        image = decode_jpeg(torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8))
+    except RuntimeError as e:
+        return f"jpg does not decode: {str(e).splitlines()[0]}"
+    if image.shape[0] != 3:
+        return f"image has {image.shape[0]} channels, expected 3 (RGB)"
+    if min(image.shape[1:]) > manifest.image_size:
+        return f"shorter side {min(image.shape[1:])} > image_size {manifest.image_size}"
+    return None

@@ -1,0 +1,58 @@
+"""Step 3 of a build: pack one shard from the spooled bytes with webdataset's TarWriter (no image work left).
+
+The shard is written under a hidden temporary name and renamed into place when complete, so a shard file with its
+final name is always whole. The worker returns the shard's byte size and sha256 for the manifest.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+
+import webdataset as wds
+
+from shard_tools.encode import spool_path
+from shard_tools.plan import ShardTask
+
+
+def sample_key(row: int) -> str:
+    """The CSV row, zero-padded: unique, dot-free (webdataset splits keys at the first dot) and sortable."""
+    return f"{row:09d}"
+
+
+def file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_shard(task: ShardTask, out: str) -> tuple[str, int, str]:
+    """-> (name, bytes, sha256)."""
+    final = os.path.join(out, task.name)
+    partial = os.path.join(out, f".{task.name}.partial")
+    spools: dict[int, int] = {}  # chunk -> open file descriptor
+    try:
+        # mtime=0: identical inputs give byte-identical shards (same sha256) whenever and wherever they are built.
+        with wds.TarWriter(partial, mtime=0.0) as sink:
+            # TarWriter documents USTAR as its default format but does not hand it to tarfile (PAX is used); plain
+            # USTAR headers are all a 9-digit key needs, and a third cheaper to write.
+            sink.tarstream.format = tarfile.USTAR_FORMAT
+            for row, image_id, label, cls, chunk, offset, length in task.samples:
+                if chunk not in spools:
+                    spools[chunk] = os.open(spool_path(task.spool_folder, chunk), os.O_RDONLY)
+                sink.write({
+                    "__key__": sample_key(row),
+                    "jpg": os.pread(spools[chunk], length, offset),
+                    "cls": str(cls),
+                    "json": json.dumps({"id": image_id, "label": label, "row": row}, ensure_ascii=False),
+                })
+    finally:
+        for fd in spools.values():
+            os.close(fd)
+    os.replace(partial, final)
+    return task.name, os.path.getsize(final), file_sha256(final)
+
+
+def write_shard_job(args: tuple[ShardTask, str]) -> tuple[str, int, str]:
+    """Pool entry point (one picklable argument)."""
+    return write_shard(*args)
