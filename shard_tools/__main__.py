@@ -19,6 +19,7 @@ from shard_tools.images import DEFAULT_MAX_PIXELS
 from shard_tools.labels import LabelsError
 from shard_tools.manifest import Manifest, ManifestError
 from shard_tools.plan import BuildError, BuildSettings
+from shard_tools.remote import is_remote
 from shard_tools.split import DEFAULT_MAX_DISTANCE
 
 EXIT_BAD_INPUT = 2  # the input cannot be used at all (missing folder, empty CSV, ...), or bad arguments
@@ -106,6 +107,8 @@ def run(args) -> int:
         missing = [f"--{a}" for a in ("images", "labels", "out") if getattr(args, a) is None]
         if missing:
             raise BuildError(f"build needs {', '.join(missing)} (or --plan and --slice)")
+        if is_remote(args.out):
+            return build_and_upload(args)
         m = build.build(_settings(args), args.out, workers=args.workers, overwrite=args.overwrite,
                         progress=not args.no_progress)
         return _report(m, args.out, args.strict)
@@ -135,6 +138,24 @@ def run(args) -> int:
 
         return remote.main(["upload", args.out, args.dest] + ["--overwrite"] * args.overwrite)
     raise AssertionError(args.command)
+
+
+def build_and_upload(args) -> int:
+    """`build --out s3://...`: build in a local temporary folder ($TMPDIR), then upload it, manifest.json last,
+    so readers of the bucket never see a half-written dataset."""
+    import tempfile
+
+    from shard_tools import build, remote
+
+    with tempfile.TemporaryDirectory(prefix="shard_tools-") as local:
+        m = build.build(_settings(args), local, workers=args.workers, overwrite=True, progress=not args.no_progress)
+        code = _report(m, local, args.strict)
+        try:
+            remote.upload_dataset(local, args.out, overwrite=args.overwrite)
+        except (OSError, ValueError) as e:
+            raise BuildError(f"upload to {remote.redact(args.out)} failed: {e}") from None
+        print(f"uploaded to {remote.redact(args.out)}")
+        return code
 
 
 def main(argv: list[str] | None = None) -> int:
