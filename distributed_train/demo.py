@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m distributed_train.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo_out", help="folder for the data, shards and run (replaced)")
     p.add_argument("--per-class", type=int, default=150, help="generated images per class")
-    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--wandb", default="offline", choices=["offline", "online", "disabled"])
     args = p.parse_args(argv)
 
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
                             capture=True))
 
     print("\n5/5 classifying new pictures the model has never seen", flush=True)
-    fresh = generate_demo_dataset(out / "new_pictures", per_class=1, size=160, seed=12345)
+    fresh = generate_demo_dataset(out / "new_pictures", per_class=2, size=160, seed=12345)
     new_images = sorted(str(path) for path in (fresh.parent / "images").glob("*.jpg"))
     truth = dict(line.split(",") for line in fresh.read_text().splitlines()[1:])
     predictions = run([py, "-m", "distributed_train.predict", "--checkpoint", str(best), *new_images, "--json"],
@@ -83,12 +83,13 @@ def main(argv=None) -> int:
         print(f"  {Path(pred['image']).name}: {top['class']} ({top['probability']:.0%})  true: {truth[image_id]}")
 
     wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
-    chance = max(report["confusion"], key=sum)
+    majority = max(map(sum, report["confusion"])) / report["count"]
+    classes = json.loads((shards / "manifest.json").read_text())["classes"]
     print(f"""
 summary ({time.time() - start:.0f} s)
-  validation top-1  {report['top1']:.1%} on {report['count']} images (chance: {1 / len(report['confusion']):.0%},
-                    majority class: {sum(chance) / report['count']:.0%}); new pictures: {hits}/{len(new_images)} right
-  per class         {', '.join(f'{a:.0%}' if a is not None else 'n/a' for a in report['per_class_accuracy'])}
+  validation top-1  {report['top1']:.1%} on {report['count']} images (majority class: {majority:.0%})
+  new pictures      {hits}/{len(new_images)} right
+  per class         {', '.join(f'{name} {acc:.0%}' for name, acc in zip(classes, report['per_class_accuracy']))}
   checkpoint        {best}
   metrics           {run_dir / 'metrics.jsonl'} (training curves: {run_dir / 'training_curves.png'})
   confusion matrix  {run_dir / 'confusion_matrix.png'}
