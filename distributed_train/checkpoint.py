@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 
 import torch
 
@@ -33,7 +34,10 @@ def save(state: dict, run_dir: str, step: int, keep: int, best: bool = False) ->
     tmp = latest + ".link"
     if os.path.lexists(tmp):
         os.remove(tmp)
-    os.link(step_path, tmp)  # a hard link: latest.pt costs no extra disk and is replaced atomically
+    try:
+        os.link(step_path, tmp)  # a hard link: latest.pt costs no extra disk and is replaced atomically
+    except OSError:  # file systems without hard links
+        shutil.copyfile(step_path, tmp)
     os.replace(tmp, latest)
     if best:
         save_best(state, run_dir)

@@ -170,7 +170,8 @@ def _train(cfg: Config, ctx: dist.DistContext) -> int:
             }, run_dir, step, cfg.keep_checkpoints, best=best)
         dist.barrier()  # nobody exits (and gets the job torn down) while rank 0 is still writing
 
-    def validate() -> None:
+    def validate() -> bool:
+        """Evaluate (the EMA weights if kept), log, and say whether this is the best top-1 so far."""
         nonlocal best_top1
         loader = eval_loader(manifest, cfg.data, "val", rank=ctx.rank, world_size=ctx.world_size,
                              batch_size=cfg.batch_size, image_size=cfg.image_size, workers=cfg.workers,
@@ -186,8 +187,7 @@ def _train(cfg: Config, ctx: dist.DistContext) -> int:
         if ctx.is_main and log.wandb is not None:
             log.wandb.log({f"val/acc_{name}": acc for name, acc in zip(manifest.classes, result["per_class_accuracy"])
                            if acc is not None}, step=step)
-        if is_best:
-            save(best=True)
+        return is_best
 
     log.info(f"{'resuming at step ' + str(step) if state else 'starting'}: {cfg.arch} x{cfg.width} on "
              f"{ctx.world_size} x {device.type}, {precision}, global batch {global_batch}, lr {lr:.4g}, "
@@ -263,9 +263,8 @@ def _train(cfg: Config, ctx: dist.DistContext) -> int:
         if epoch_finished:
             epoch, batches_done = epoch + 1, 0
         if step >= total_steps or (epoch_finished and epoch % cfg.eval_every == 0):
-            if "val" in manifest.splits and manifest.split("val").num_samples:
-                validate()
-            save()
+            has_val = "val" in manifest.splits and manifest.split("val").num_samples > 0
+            save(best=validate() if has_val else False)
 
     if ctx.is_main and exit_code == 0:
         from distributed_train.plots import plot_training_curves
