@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
@@ -176,7 +176,8 @@ class SlotStream(IterableDataset):
         # same crops as an uninterrupted one.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hash_seed(seed))
-            images = torch.stack([self.preprocess(s["jpg"]) for s in raw])
+            # default_collate stacks straight into shared memory inside a worker: no extra copy to send the batch
+            images = default_collate([self.preprocess(s["jpg"]) for s in raw])
         labels = torch.tensor([int(s["cls"]) for s in raw], dtype=torch.long)
         return images, labels, [s["__key__"] for s in raw]
 

@@ -115,6 +115,10 @@ def _train(cfg: Config, ctx: dist.DistContext) -> int:
     channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # Leave the cores the DataLoader workers decode on: oversubscribed CPUs run several times slower.
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks - cfg.workers))
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     model = build_model(cfg.arch, manifest.num_classes, width=cfg.width, zero_init_residual=True)
     if cfg.init_from and state is None:
