@@ -24,6 +24,7 @@ y = torch.tensor([0, 1, 2, 0, 1, 2, 2, 1])
 scaler = torch.amp.GradScaler("cpu", enabled=False)
 run = dict(autocast=contextlib.nullcontext, scaler=scaler, label_smoothing=0.1)
 
+ddp = None
 if mode == "ddp":
     ddp = DDP(model)
     lo = ctx.rank * 4
@@ -36,4 +37,7 @@ else:
 
 if ctx.is_main:
     torch.save({n: p.grad for n, p in model.named_parameters()}, out)
+# Everyone done before the group goes away; a DDP reducer still alive at teardown can abort the process (gloo).
+dist.barrier()
+ddp = None
 dist.teardown()
