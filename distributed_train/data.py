@@ -117,11 +117,11 @@ def read_pieces(pieces: list[Piece], count: int, read_piece: Callable[[Piece], I
                 produced += 1
                 if produced == count:
                     return
-        if not repeat or produced == before:
-            if repeat:
-                raise ShardReadError("no sample could be read from this worker's shards: "
-                                     + redact(", ".join(sorted({p.url for p in pieces}))))
-            return
+        if not repeat:
+            return  # evaluation: what could be read is all there is, each sample once
+        if produced == before:
+            raise ShardReadError("no sample could be read from this worker's shards: "
+                                 + redact(", ".join(sorted({p.url for p in pieces}))))
 
 
 class Preprocess:
