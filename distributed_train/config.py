@@ -37,9 +37,10 @@ class Config:
     ema_decay: float = _opt(0.0, "EMA of the weights (e.g. 0.999); 0 disables; evaluation uses the EMA weights")
     min_crop_scale: float = _opt(0.25, "RandomResizedCrop smallest area fraction (0.08 in ImageNet recipes)")
     # speed
-    precision: str = _opt("auto", "auto | bf16 | fp16 | fp32 (auto: bf16 on bf16 GPUs, fp16 on older ones, fp32 on CPU)")
+    precision: str = _opt("auto", "auto | bf16 | fp16 | fp32 (auto: bf16 on bf16 GPUs, fp16 on older ones; on CPUs "
+                                  "bf16 with AVX512-BF16/AMX units, else fp32)")
     compile: bool = _opt(False, "torch.compile the model")
-    channels_last: str = _opt("auto", "auto | on | off (auto: on for CUDA)")
+    channels_last: str = _opt("auto", "auto | on | off (auto: on)")
     sync_bn: bool = _opt(False, "SyncBatchNorm across GPUs (CUDA only)")
     workers: int = _opt(4, "DataLoader worker processes per rank")
     synthetic: bool = _opt(False, "benchmark: train on one fixed random batch in memory instead of the shards")

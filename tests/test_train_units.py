@@ -7,7 +7,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from distributed_train.config import Config, parse_args
 from distributed_train.model import build_model
-from distributed_train.train import build_optimizer, ema_with_warmup, resolve_precision, warmup_cosine
+from distributed_train.train import build_optimizer, cpu_has_bf16, ema_with_warmup, resolve_precision, warmup_cosine
 
 
 def test_warmup_then_cosine_to_zero():
@@ -48,9 +48,10 @@ def test_no_weight_decay_on_batchnorm_and_biases():
     assert groups[0]["nesterov"] and groups[0]["momentum"] == 0.9
 
 
-def test_precision_auto_is_fp32_on_cpu():
-    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
-    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+def test_precision_auto_on_cpu_follows_the_bf16_units():
+    expected = "bf16" if cpu_has_bf16() else "fp32"
+    assert resolve_precision("auto", torch.device("cpu")) == expected
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
 
 
 def test_command_line_errors_are_one_line(capsys):
