@@ -82,8 +82,9 @@ class StopFlag:
     `stop_file` instead. `should_stop()` is a collective: every rank must call it at the same step.
     """
 
-    def __init__(self, stop_file: str):
-        self.stop_file = stop_file
+    def __init__(self, stop_file: str, is_main: bool):
+        # Only rank 0 looks at the file: one stat per step, not one per rank on a shared file system.
+        self.stop_file = stop_file if is_main else None
         self.signalled = 0
         self.flag = torch.zeros(1, dtype=torch.int32)  # on the CPU: checking it never waits for the GPU
         for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -93,7 +94,7 @@ class StopFlag:
         self.signalled = signum
 
     def local(self) -> bool:
-        return bool(self.signalled) or os.path.exists(self.stop_file)
+        return bool(self.signalled) or (self.stop_file is not None and os.path.exists(self.stop_file))
 
     def should_stop(self) -> bool:
         self.flag.fill_(int(self.local()))

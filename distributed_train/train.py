@@ -116,7 +116,7 @@ def _train(cfg: Config, ctx: dist.DistContext) -> int:
         with open(os.path.join(run_dir, "config.json"), "w", encoding="utf-8") as f:
             json.dump(public_config, f, indent=2)
     dist.barrier()
-    stop = dist.StopFlag(stop_file)
+    stop = dist.StopFlag(stop_file, ctx.is_main)
 
     # ---- model, optimizer, schedule -----------------------------------------------------------------------------
     precision = resolve_precision(cfg.precision, device)
