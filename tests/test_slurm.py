@@ -133,8 +133,8 @@ def test_rendezvous_spans_both_nodes(cluster, tmp_path):
     result = cluster.wait(job, log)
     assert (result["JobState"], result["ExitCode"]) == ("COMPLETED", "0:0"), tail(log)
 
-    probes = [dict(re.findall(r"(\w+)=(\S+)", line)) for line in log.read_text().splitlines()
-              if line.startswith("PROBE ")]
+    probes = [dict(re.findall(r"(\w+)=(\S+)", path.read_text()))
+              for path in sorted((tmp_path / "run").glob("probe-*.txt"))]
     assert sorted(int(p["rank"]) for p in probes) == [0, 1, 2, 3], tail(log)
     assert {p["world"] for p in probes} == {"4"} and {p["rank_sum"] for p in probes} == {"6"}, tail(log)
     ranks_per_node = {n: sum(p["node"] == n for p in probes) for n in ("node1", "node2")}
