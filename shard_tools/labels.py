@@ -63,24 +63,48 @@ def read_labels(csv_path: str, id_column: str | None = None, label_column: str |
     return pd.DataFrame({"id": df[id_col].str.strip(), "label": df[label_col].str.strip()})
 
 
-def resolve_image(images_dir: str, image_id: str) -> tuple[str | None, str | None]:
-    """(path, None) for the file of `image_id`, or (None, reason)."""
-    if not image_id:
-        return None, "empty id"
-    if os.path.isabs(image_id) or image_id.startswith(("/", "\\")):
-        return None, "id is an absolute path; ids must be relative to the images folder"
-    root = os.path.abspath(images_dir)
-    base = os.path.normpath(os.path.join(root, image_id))
-    # Checked on the id's text, not with symlinks resolved: a folder of links into a photo store is legitimate.
-    if os.path.commonpath([root, base]) != root:
-        return None, "id points outside the images folder"
-    candidates = [base] if os.path.splitext(image_id)[1] else []
-    candidates += [base + ext for ext in EXTENSIONS]
-    for path in candidates:
-        if os.path.isfile(path):
-            return path, None
-    tried = image_id if os.path.splitext(image_id)[1] else f"{image_id}.jpg/.jpeg/.png/.webp"
-    return None, f"image file not found: {tried} in {images_dir}"
+class ImageFinder:
+    """Finds the file of an id. Each folder is listed once, so a CSV of millions of rows costs one directory scan,
+    not a stat per candidate extension per row (this runs before any worker starts, so it bounds the speed-up)."""
+
+    def __init__(self, images_dir: str):
+        self.images_dir = images_dir
+        self.root = os.path.abspath(images_dir)
+        self._listings: dict[str, set[str]] = {}
+
+    def _files(self, folder: str) -> set[str]:
+        if folder not in self._listings:
+            try:
+                with os.scandir(folder) as entries:
+                    self._listings[folder] = {e.name for e in entries if e.is_file()}
+            except OSError:  # missing sub-folder: the ids in it are reported as not found
+                self._listings[folder] = set()
+        return self._listings[folder]
+
+    def find(self, image_id: str) -> tuple[str | None, str | None]:
+        """(path, None) for the file of `image_id`, or (None, reason)."""
+        if not image_id:
+            return None, "empty id"
+        if os.path.isabs(image_id) or image_id.startswith(("/", "\\")):
+            return None, "id is an absolute path; ids must be relative to the images folder"
+        if "/" in image_id or "\\" in image_id or image_id in (".", ".."):
+            base = os.path.normpath(os.path.join(self.root, image_id))
+            # Checked on the id's text, not with symlinks resolved: a folder of links into a photo store is legitimate.
+            if os.path.commonpath([self.root, base]) != self.root:
+                return None, "id points outside the images folder"
+            folder, name = os.path.split(base)
+        else:
+            folder, name = self.root, image_id
+        candidates = ([name] if os.path.splitext(name)[1] else []) + [name + ext for ext in EXTENSIONS]
+        files = self._files(folder)
+        for candidate in candidates:
+            if candidate in files:
+                return os.path.join(folder, candidate), None
+        for candidate in candidates:  # what a listing misses, e.g. another letter case on a case-insensitive disk
+            if os.path.isfile(os.path.join(folder, candidate)):
+                return os.path.join(folder, candidate), None
+        tried = image_id if os.path.splitext(image_id)[1] else f"{image_id}.jpg/.jpeg/.png/.webp"
+        return None, f"image file not found: {tried} in {self.images_dir}"
 
 
 def class_order(labels) -> list[str]:
@@ -97,7 +121,7 @@ def load_rows(images_dir: str, csv_path: str, id_column: str | None = None, labe
     if not os.path.isdir(images_dir):
         raise LabelsError(f"images folder not found: {images_dir}")
     df = read_labels(csv_path, id_column, label_column)
-    rows, skipped, seen = [], [], {}
+    rows, skipped, seen, finder = [], [], {}, ImageFinder(images_dir)
     for i, (image_id, label) in enumerate(zip(df["id"], df["label"])):
         if image_id in seen:
             skipped.append(Skipped(i, image_id, f"duplicate id (first seen in row {seen[image_id]})"))
@@ -106,7 +130,7 @@ def load_rows(images_dir: str, csv_path: str, id_column: str | None = None, labe
         if not label:
             skipped.append(Skipped(i, image_id, "empty label"))
             continue
-        path, reason = resolve_image(images_dir, image_id)
+        path, reason = finder.find(image_id)
         if path is None:
             skipped.append(Skipped(i, image_id, reason))
             continue

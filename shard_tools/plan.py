@@ -79,10 +79,10 @@ class WorkList:
 
     def save(self) -> None:
         os.makedirs(os.path.join(self.folder, "chunks"), exist_ok=True)
-        pd.DataFrame([asdict(r) for r in self.rows], columns=["row", "id", "label", "path"]).to_csv(
-            os.path.join(self.folder, "rows.csv"), index=False)
+        pd.DataFrame([(r.row, r.id, r.label, r.path) for r in self.rows], columns=["row", "id", "label", "path"]
+                     ).to_csv(os.path.join(self.folder, "rows.csv"), index=False)
         meta = {"settings": asdict(self.settings), "total_rows": self.total_rows,
-                "skipped": [asdict(s) for s in self.skipped]}
+                "skipped": [{"row": s.row, "id": s.id, "reason": s.reason} for s in self.skipped]}
         write_json_atomic(os.path.join(self.folder, "plan.json"), meta)  # last: marks a complete work list
 
     @classmethod
@@ -127,10 +127,7 @@ class Layout:
 
     def pixel_sums(self, split: str) -> PixelSums:
         """Exact sums over every stored pixel of a split (integer addition: order does not matter)."""
-        total = PixelSums()
-        for d in self.samples.loc[self.samples["split"] == split, "pixels"]:
-            total = total + PixelSums.from_dict(d)
-        return total
+        return PixelSums.from_dicts(self.samples.loc[self.samples["split"] == split, "pixels"].tolist())
 
 
 def shard_names(split: str, n: int, shard_size: int) -> list[str]:
@@ -151,7 +148,7 @@ def make_layout(settings: BuildSettings, records: list[dict], skipped: list[Skip
     df = pd.DataFrame(kept)
     classes = class_order(df["label"])  # from the rows that survived, so every class has samples
     df["cls"] = df["label"].map({name: i for i, name in enumerate(classes)})
-    hashes = np.array([int(h, 16) for h in df["hash"]], dtype=np.uint64)
+    hashes = np.array([int(h, 16) for h in df["hash"].tolist()], dtype=np.uint64)
     groups = group_near_duplicates(hashes, settings.dup_distance)
     df["group"] = df["row"].to_numpy()[groups]  # name a group by its first CSV row: stable and readable
     is_val = assign_splits(df["cls"].to_numpy(), groups, len(classes), settings.val_fraction, settings.seed)

@@ -52,7 +52,12 @@ def group_near_duplicates(hashes: np.ndarray, max_distance: int = DEFAULT_MAX_DI
                 close = np.bitwise_count(h[:, None] ^ h[None, :]) <= max_distance
                 for a, b in zip(*np.nonzero(np.triu(close, k=1))):
                     _union(parent, int(first[members[a]]), int(first[members[b]]))
-    return np.array([_find(parent, i) for i in range(len(hashes))], dtype=np.int64)
+    # Every item's root at once: pointer jumping on the forest (roots point at themselves), O(n log depth).
+    while True:
+        grand = parent[parent]
+        if np.array_equal(grand, parent):
+            return parent.astype(np.int64)
+        parent = grand
 
 
 def _round_half_up(x: float) -> int:
@@ -66,22 +71,22 @@ def assign_splits(classes: np.ndarray, groups: np.ndarray, num_classes: int, val
     if val_fraction <= 0:
         return is_val
     group_ids, inverse = np.unique(groups, return_inverse=True)
-    by_group = np.argsort(inverse, kind="stable")  # one sort instead of a scan per group: O(n log n), not O(n^2)
-    members = np.split(by_group, np.flatnonzero(np.diff(inverse[by_group])) + 1)
     # A group with mixed labels counts for its majority class (ties: the lower class index); it is never split.
-    majority = np.array([np.bincount(classes[m], minlength=num_classes).argmax() for m in members])
-    sizes = np.array([len(m) for m in members])
+    votes = np.zeros((len(group_ids), num_classes), dtype=np.int64)
+    np.add.at(votes, (inverse, classes), 1)
+    majority, sizes = votes.argmax(axis=1), votes.sum(axis=1)
     class_size = np.bincount(majority, weights=sizes, minlength=num_classes).astype(int)
     quota = [_round_half_up(val_fraction * n) for n in class_size]
     taken = [0] * num_classes
+    to_val = np.zeros(len(group_ids), dtype=bool)
     rng = np.random.default_rng(seed)
-    for g in rng.permutation(len(group_ids)):
-        c, s = majority[g], sizes[g]
+    order = rng.permutation(len(group_ids))
+    for g, c, s in zip(order.tolist(), majority[order].tolist(), sizes[order].tolist()):
         closer = abs(taken[c] + s - quota[c]) < abs(taken[c] - quota[c])
         if closer and taken[c] + s < class_size[c]:
-            is_val[members[g]] = True
+            to_val[g] = True
             taken[c] += s
-    return is_val
+    return to_val[inverse]
 
 
 def count_duplicate_groups(groups: np.ndarray) -> tuple[int, int]:

@@ -10,7 +10,7 @@ from PIL import Image
 
 from shard_fixtures import decode, solid, textured, write_csv
 from shard_tools.images import SkipImage, prepare
-from shard_tools.labels import LabelsError, class_order, load_rows
+from shard_tools.labels import ImageFinder, LabelsError, class_order, load_rows
 from shard_tools.split import assign_splits, count_duplicate_groups, group_near_duplicates
 from shard_tools.stats import PixelSums
 
@@ -41,6 +41,17 @@ def test_every_bad_row_is_skipped_with_a_reason(tmp_path):
     reasons = {s.row: s.reason for s in skipped}
     assert "duplicate id" in reasons[1] and "outside" in reasons[2] and "absolute" in reasons[3]
     assert "not found" in reasons[4] and "empty label" in reasons[5] and "outside" in reasons[6]
+
+
+def test_image_finder_falls_back_to_the_disk_for_what_its_folder_listing_misses(tmp_path):
+    images = tmp_path / "images"
+    solid(images / "a.jpg", (1, 2, 3))
+    finder = ImageFinder(str(images))
+    assert finder.find("a")[0] == str(images / "a.jpg")  # the folder is listed now
+    solid(images / "late.png", (1, 2, 3), fmt="PNG")  # not in that listing (as another letter case would not be)
+    assert finder.find("late")[0] == str(images / "late.png")
+    path, reason = finder.find("sub/none")
+    assert path is None and "not found" in reason and "sub/none.jpg" in reason
 
 
 @pytest.mark.parametrize("labels, expected", [
