@@ -17,6 +17,7 @@
     then ToTensor + Normalize, in a DataLoader with one worker. The seed had no resize at all, so its full-size photos
     of different shapes cannot even be batched; it gets the trainer's RandomResizedCrop(224) + flip to do the same
     work. Target: shards / seed >= 10x. The shard build's time is printed apart: it is paid once, not every epoch.
+    The shuffle buffer is one batch here too, so the shards' tar streaming is inside the timed window.
 
 Every contender runs in one worker process with one torch thread (DataLoader workers use one), the two alternate in
 ABBA order, a warm-up batch is skipped (worker start-up, shuffle-buffer fill), and the headline is the median of the
@@ -258,7 +259,8 @@ def bench_full_size(args, scratch: Path) -> None:
 
     def from_shards(r: int) -> Timing:
         runs = [time_train_loader(manifest, str(shards), batch_size=args.full_batch_size, image_size=224,
-                                  epoch=r * args.shard_epochs + e)[0] for e in range(args.shard_epochs)]
+                                  epoch=r * args.shard_epochs + e, shuffle_buffer=args.full_batch_size)[0]
+                for e in range(args.shard_epochs)]
         return Timing(sum(t.images for t in runs), sum(t.seconds for t in runs))
 
     names = ("shards (train_loader, 1 worker)", "seed (plt.imread + iloc, 1 worker)")

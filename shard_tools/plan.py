@@ -127,7 +127,10 @@ class Layout:
 
     def pixel_sums(self, split: str) -> PixelSums:
         """Exact sums over every stored pixel of a split (integer addition: order does not matter)."""
-        return PixelSums.from_dicts(self.samples.loc[self.samples["split"] == split, "pixels"].tolist())
+        total = PixelSums()
+        for d in self.samples.loc[self.samples["split"] == split, "pixels"].tolist():
+            total = total + PixelSums.from_dict(d)
+        return total
 
 
 def shard_names(split: str, n: int, shard_size: int) -> list[str]:

@@ -46,13 +46,6 @@ class PixelSums:
             [a + b for a, b in zip(self.squares, other.squares)],
         )
 
-    @classmethod
-    def from_dicts(cls, dicts: list[dict]) -> "PixelSums":
-        """The total of many `to_dict()`s, one pass per field (millions of images: no object per addition)."""
-        return cls(sum(d["count"] for d in dicts),
-                   [sum(int(d["sums"][c]) for d in dicts) for c in range(3)],
-                   [sum(int(d["squares"][c]) for d in dicts) for c in range(3)])
-
     def to_dict(self) -> dict:
         # Sums of large datasets pass 2^53: keep them as decimal strings so no JSON reader rounds them to floats.
         return {"count": self.count, "sums": [str(s) for s in self.sums], "squares": [str(q) for q in self.squares]}
