@@ -1,6 +1,7 @@
 """Check a built dataset against its manifest: every shard's bytes, sha256 and samples, every image decodes."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -9,7 +10,11 @@ import webdataset as wds
 from torchvision.io import decode_jpeg  # the trainer's decoder (libjpeg-turbo), so "decodes" means the same thing
 
 from shard_tools.manifest import Manifest, ManifestError, dataset_root
-from shard_tools.writer import file_sha256
+
+
+def file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def verify_dataset(location: str) -> list[str]:

@@ -1,7 +1,8 @@
 """Step 3 of a build: pack one shard from the spooled bytes with webdataset's TarWriter (no image work left).
 
 The shard is written under a hidden temporary name and renamed into place when complete, so a shard file with its
-final name is always whole. The worker returns the shard's byte size and sha256 for the manifest.
+final name is always whole. The worker returns the shard's byte size and sha256 for the manifest, hashed on the way
+to the disk.
 """
 from __future__ import annotations
 
@@ -21,9 +22,16 @@ def sample_key(row: int) -> str:
     return f"{row:09d}"
 
 
-def file_sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+class HashingFile:
+    """Write-only file that hashes the bytes passing through: the shard's sha256 without reading it back."""
+
+    def __init__(self, f):
+        self.f, self.sha256, self.bytes = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return self.f.write(data)
 
 
 def write_shard(task: ShardTask, out: str) -> tuple[str, int, str]:
@@ -33,24 +41,27 @@ def write_shard(task: ShardTask, out: str) -> tuple[str, int, str]:
     spools: dict[int, int] = {}  # chunk -> open file descriptor
     try:
         # mtime=0: identical inputs give byte-identical shards (same sha256) whenever and wherever they are built.
-        with wds.TarWriter(partial, mtime=0.0) as sink:
-            # TarWriter documents USTAR as its default format but does not hand it to tarfile (PAX is used); plain
-            # USTAR headers are all a 9-digit key needs, and a third cheaper to write.
-            sink.tarstream.format = tarfile.USTAR_FORMAT
-            for row, image_id, label, cls, chunk, offset, length in task.samples:
-                if chunk not in spools:
-                    spools[chunk] = os.open(spool_path(task.spool_folder, chunk), os.O_RDONLY)
-                sink.write({
-                    "__key__": sample_key(row),
-                    "jpg": os.pread(spools[chunk], length, offset),
-                    "cls": str(cls),
-                    "json": json.dumps({"id": image_id, "label": label, "row": row}, ensure_ascii=False),
-                })
+        # encoder=False: every value is already the bytes to store (webdataset's encoder would only re-check that).
+        with open(partial, "wb") as f:
+            shard = HashingFile(f)
+            with wds.TarWriter(shard, mtime=0.0, encoder=False) as sink:
+                # TarWriter documents USTAR as its default format but does not hand it to tarfile (PAX is used);
+                # plain USTAR headers are all a 9-digit key needs, and a third cheaper to write.
+                sink.tarstream.format = tarfile.USTAR_FORMAT
+                for row, image_id, label, cls, chunk, offset, length in task.samples:
+                    if chunk not in spools:
+                        spools[chunk] = os.open(spool_path(task.spool_folder, chunk), os.O_RDONLY)
+                    sink.write({
+                        "__key__": sample_key(row),
+                        "jpg": os.pread(spools[chunk], length, offset),
+                        "cls": str(cls).encode(),
+                        "json": json.dumps({"id": image_id, "label": label, "row": row}, ensure_ascii=False).encode(),
+                    })
     finally:
         for fd in spools.values():
             os.close(fd)
     os.replace(partial, final)
-    return task.name, os.path.getsize(final), file_sha256(final)
+    return task.name, shard.bytes, shard.sha256.hexdigest()
 
 
 def write_shard_job(args: tuple[ShardTask, str]) -> tuple[str, int, str]:
