@@ -26,7 +26,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from machine import MUSHVISION4, load_line, machine_line
 
 from shard_tools.build import build_dataset
@@ -87,15 +86,10 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--precision", default="auto")
     p.add_argument("--max-steps", type=int, default=12)
     p.add_argument("--log-every", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None,
-                   help="OMP_NUM_THREADS of the trainer (default without CUDA: cores - workers, at least 1; "
-                        "0: leave it unset)")
-    args, extra = p.parse_known_args()
-    if args.threads is None:
-        # Compute threads + worker processes <= cores: an oversubscribed OpenMP team spins at its barriers and
-        # runs several times slower, whichever contender happens to meet a busy moment.
-        args.threads = 0 if torch.cuda.is_available() else max(1, (os.cpu_count() or 1) - args.workers)
-    return args, extra
+    p.add_argument("--threads", type=int, default=0,
+                   help="OMP_NUM_THREADS of the trainer (default 0: unset, so the trainer's own rule applies: on a "
+                        "CPU, cores - workers)")
+    return p.parse_known_args()
 
 
 def main() -> int:

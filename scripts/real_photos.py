@@ -7,7 +7,7 @@
 2. calibrate: a short run of the real trainer on the same shards measures seconds per step and the fixed costs
    (start-up, final validation), so that
 3. the training run gets the --max-steps that fill the budget: its cosine schedule ends at the budget, never cut off
-4. evaluate the best and last checkpoints with `python -m distributed_train.evaluate --json`
+4. evaluate the final checkpoint with `python -m distributed_train.evaluate --json`
 
 Prints the split facts, the wall time of training, val top-1, per-class accuracy and the recipe; writes the same as
 WORKDIR/result.json. Flags the script does not know are passed to the trainer unchanged (e.g. --weight-decay 1e-4).
@@ -219,13 +219,13 @@ def main(argv=None) -> int:
     images_per_s = max_steps * global_batch / train_s
 
     print("\n4/4 evaluating", flush=True)
-    best, last = (evaluate(shards, run_dir / "checkpoints" / name) for name in ("best.pt", "latest.pt"))
+    best = evaluate(shards, run_dir / "checkpoints" / "best.pt")  # the one validation, at the end: = latest.pt
 
     recipe = {name: getattr(args, name) for name in RECIPE} | {
         "store_size": store_size, "processes": args.processes, "threads": trainer_env(args)["OMP_NUM_THREADS"],
         "max_steps": max_steps, "epochs": round(max_steps / steps_per_epoch, 1), "extra": extra}
     result = {"train_wall_s": train_s, "budget_s": budget_s, "images_per_s": images_per_s,
-              "load_at_start": load_at_start, "top1": best["top1"], "top1_last": last["top1"],
+              "load_at_start": load_at_start, "top1": best["top1"],
               "per_class_accuracy": dict(zip(best["classes"], best["per_class_accuracy"])),
               "confusion": best["confusion"], "split": facts, "recipe": recipe}
     (workdir / "result.json").write_text(json.dumps(result, indent=2))
@@ -234,7 +234,7 @@ def main(argv=None) -> int:
 summary
   training wall time  {train_s:.0f} s of a {budget_s:.0f} s budget ({images_per_s:.0f} img/s end to end, \
 1-min load {load_at_start:.2f} at the start)
-  val top-1           {best['top1']:.1%} (best.pt), {last['top1']:.1%} (latest.pt) on {best['count']} photos; \
+  val top-1           {best['top1']:.1%} on {best['count']} photos; \
 majority class {facts['majority_class_val']:.1%}
   per class           {', '.join(f'{n} {a:.1%}' for n, a in result['per_class_accuracy'].items())}
   split               {facts['duplicate_groups']} near-duplicate groups, {facts['groups_across_splits']} across splits

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -134,10 +135,22 @@ def run(args) -> int:
         print(describe(Manifest.read(args.out)))
         return 0
     if args.command == "upload":
-        from shard_tools import remote
-
-        return remote.main(["upload", args.out, args.dest] + ["--overwrite"] * args.overwrite)
+        return upload(args)
     raise AssertionError(args.command)
+
+
+def upload(args) -> int:
+    from shard_tools import remote
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    remote.log.setLevel(logging.INFO)  # our "uploaded NAME" lines, not botocore's chatter
+    try:
+        order = remote.upload_dataset(args.out, args.dest, overwrite=args.overwrite)
+    except (OSError, ValueError) as e:  # ManifestError is a ValueError
+        print(f"error: {remote.redact(str(e))}", file=sys.stderr)
+        return EXIT_PROBLEMS
+    print(f"uploaded {len(order)} files to {remote.redact(args.dest)} (manifest.json last)")
+    return 0
 
 
 def build_and_upload(args) -> int:

@@ -17,7 +17,6 @@ last retry, the shard is skipped with a warning (on_error="skip") or the error i
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import contextlib
 import functools
@@ -27,7 +26,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 import tarfile
 import tempfile
 import time
@@ -421,26 +419,3 @@ def upload_dataset(local_dir: str, dest: str, *, overwrite: bool = False) -> lis
         _put(os.path.join(local_dir, name), join_location(root, name))
         log.info("uploaded %s", name)
     return order
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shard_tools.remote", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("upload", help="copy a built dataset folder to s3://... (manifest.json last)")
-    up.add_argument("local", help="dataset folder made by `python -m shard_tools build`")
-    up.add_argument("dest", help="s3://bucket/prefix (endpoint and credentials from AWS_* variables) or a folder")
-    up.add_argument("--overwrite", action="store_true", help="replace a dataset already at DEST")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    log.setLevel(logging.INFO)  # our progress lines, not botocore's
-    try:
-        order = upload_dataset(args.local, args.dest, overwrite=args.overwrite)
-    except (OSError, ValueError) as e:  # ManifestError is a ValueError
-        print(f"error: {redact(str(e))}", file=sys.stderr)
-        return 1
-    print(f"uploaded {len(order)} files to {redact(args.dest)} ({MANIFEST_NAME} last)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

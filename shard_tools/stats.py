@@ -34,11 +34,6 @@ class PixelSums:
         self.squares = [a + int(b) for a, b in zip(self.squares, hist @ _SQUARES)]
         self.count += int(hist[0].sum())
 
-    def add_image(self, pixels: np.ndarray) -> None:
-        """Accumulate a uint8 HxWx3 array."""
-        flat = pixels.reshape(-1, 3)
-        self.add_histogram(np.concatenate([np.bincount(flat[:, c], minlength=256) for c in range(3)]))
-
     def __add__(self, other: "PixelSums") -> "PixelSums":
         return PixelSums(
             self.count + other.count,

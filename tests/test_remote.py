@@ -338,7 +338,7 @@ def test_upload_failing_midway_leaves_no_manifest(s3_server, s3_bucket, dataset,
 
 
 def test_upload_cli(s3_server, s3_bucket, dataset):
-    cmd = [sys.executable, "-m", "shard_tools.remote", "upload", str(dataset), f"s3://{s3_bucket}/cli"]
+    cmd = [sys.executable, "-m", "shard_tools", "upload", str(dataset), f"s3://{s3_bucket}/cli"]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=os.environ.copy())
     assert first.returncode == 0, first.stderr
     assert "cli/manifest.json" in s3_server.keys(s3_bucket)
