@@ -43,6 +43,8 @@ class Config:
     channels_last: str = _opt("auto", "auto | on | off (auto: on)")
     sync_bn: bool = _opt(False, "SyncBatchNorm across GPUs (CUDA only)")
     workers: int = _opt(4, "DataLoader worker processes per rank")
+    decode: str = _opt("workers", "where training JPEGs are decoded and augmented: workers (DataLoader processes, on "
+                                  "CPU cores) | device (nvJPEG on the GPU; the workers only read shards)")
     synthetic: bool = _opt(False, "benchmark: train on one fixed random batch in memory instead of the shards")
     shuffle_buffer: int = _opt(1000, "samples in each worker's shuffle buffer")
     # bookkeeping
@@ -67,6 +69,8 @@ class Config:
             problems.append(f"--wandb {self.wandb!r}: use offline, online or disabled")
         if self.channels_last not in ("auto", "on", "off"):
             problems.append(f"--channels-last {self.channels_last!r}: use auto, on or off")
+        if self.decode not in ("workers", "device"):
+            problems.append(f"--decode {self.decode!r}: use workers or device")
         if self.on_shard_error not in ("fail", "skip"):
             problems.append(f"--on-shard-error {self.on_shard_error!r}: use fail or skip")
         for name in ("batch_size", "accum_steps", "image_size", "log_every", "eval_every", "checkpoint_every"):

@@ -8,6 +8,7 @@ How one epoch's samples reach the ranks (no rank ever waits for another in an al
        shards than slots still give every slot exactly its share)
     -> each slot: tar samples of its ranges -> shuffle buffer -> raw batches -> skip (mid-epoch resume)
        -> decode (torchvision.io, libjpeg-turbo) + augment -> uint8 batch
+          (or, with --decode device, the batch's JPEG bytes in one block: device_decode.py decodes them on the GPU)
 
 Training uses floor(samples / world / batch) batches per rank, so an epoch reads each sample at most once; only a
 dataset smaller than one batch on every rank wraps around. Evaluation splits every sample over the slots exactly
@@ -26,6 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
+from distributed_train.device_decode import pack_jpegs
 from shard_tools.manifest import Manifest
 from shard_tools.remote import ShardReadError, iter_shard_samples, redact
 
@@ -150,10 +152,11 @@ class SlotStream(IterableDataset):
 
     def __init__(self, slots: list[list[Piece]], counts: list[int], preprocess: Preprocess, batch_size: int,
                  train: bool, seed: tuple, shuffle_buffer: int = 1000, skip_batches: int = 0,
-                 read_piece: Callable[[Piece], Iterator[dict]] = PieceReader()):
+                 read_piece: Callable[[Piece], Iterator[dict]] = PieceReader(), encoded: bool = False):
         self.slots, self.counts, self.preprocess = slots, counts, preprocess
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.shuffle_buffer, self.skip_batches, self.read_piece = shuffle_buffer, skip_batches, read_piece
+        self.encoded = encoded  # send the JPEG bytes undecoded (--decode device)
 
     def __iter__(self):
         info = get_worker_info()
@@ -174,10 +177,13 @@ class SlotStream(IterableDataset):
     def make_batch(self, raw: list[dict], seed: tuple):
         # Augmentation randomness depends only on (seed, epoch, rank, worker, batch index): a resumed run draws the
         # same crops as an uninterrupted one.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash_seed(seed))
-            # default_collate stacks straight into shared memory inside a worker: no extra copy to send the batch
-            images = default_collate([self.preprocess(s["jpg"]) for s in raw])
+        if self.encoded:
+            images = pack_jpegs([s["jpg"] for s in raw], hash_seed(seed))
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(hash_seed(seed))
+                # default_collate stacks straight into shared memory inside a worker: no extra copy to send the batch
+                images = default_collate([self.preprocess(s["jpg"]) for s in raw])
         labels = torch.tensor([int(s["cls"]) for s in raw], dtype=torch.long)
         return images, labels, [s["__key__"] for s in raw]
 
@@ -195,8 +201,9 @@ def _loader(stream: SlotStream, workers: int, pin_memory: bool) -> DataLoader:
 def train_loader(manifest: Manifest, location: str, *, rank: int, world_size: int, batch_size: int, accum_steps: int,
                  image_size: int, workers: int, seed: int, epoch: int, skip_batches: int = 0,
                  min_crop_scale: float = 0.25, shuffle_buffer: int = 1000, pin_memory: bool = False,
-                 read_piece=PieceReader()) -> tuple[DataLoader, int]:
-    """The loader of one rank for one epoch, and the number of micro-batches it yields (equal on every rank)."""
+                 read_piece=PieceReader(), decode_on_device: bool = False) -> tuple[DataLoader, int]:
+    """The loader of one rank for one epoch, and the number of micro-batches it yields (equal on every rank).
+    With `decode_on_device` its batches hold EncodedBatch instead of images (see device_decode.py)."""
     split = manifest.split("train")
     steps = train_batches_per_rank(split.num_samples, world_size, batch_size, accum_steps)
     slots_per_rank = max(1, workers)
@@ -205,7 +212,7 @@ def train_loader(manifest: Manifest, location: str, *, rank: int, world_size: in
     mine = slots[rank * slots_per_rank:(rank + 1) * slots_per_rank]
     stream = SlotStream(mine, per_worker, Preprocess(True, image_size, min_crop_scale), batch_size, train=True,
                         seed=(seed, epoch, rank), shuffle_buffer=shuffle_buffer, skip_batches=skip_batches,
-                        read_piece=read_piece)
+                        read_piece=read_piece, encoded=decode_on_device)
     return _loader(stream, workers, pin_memory), steps - skip_batches
 
 

@@ -21,6 +21,7 @@ from torch.optim.swa_utils import AveragedModel
 from distributed_train import EXIT_PREEMPTED, checkpoint, dist
 from distributed_train.config import Config
 from distributed_train.data import PieceReader, eval_loader, normalize, stats_tensors, train_batches_per_rank, train_loader
+from distributed_train.device_decode import DeviceAugment, DevicePrefetcher
 from distributed_train.evaluate import evaluate
 from distributed_train.logger import Logger
 from distributed_train.model import build_model, load_torchvision_state_dict
@@ -126,6 +127,8 @@ def _train(cfg: Config, ctx: dist.DistContext) -> int:
     channels_last = cfg.channels_last in ("on", "auto")
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # one input size for the whole run: let cuDNN time its kernels once
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # Leave the cores the DataLoader workers decode on: oversubscribed CPUs run several times slower.
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
@@ -171,6 +174,8 @@ def _train(cfg: Config, ctx: dist.DistContext) -> int:
     shards_skipped = multiprocessing.Value("i", 0)  # counted in the DataLoader workers, logged here
     read_piece = PieceReader(cfg.on_shard_error, shard_digests(manifest, cfg.data) if cfg.verify_shards else None,
                              shards_skipped)
+    device_augment = DeviceAugment(cfg.image_size, cfg.min_crop_scale, device) \
+        if cfg.decode == "device" and not cfg.synthetic else None
     meta = {"arch": cfg.arch, "width": cfg.width, "image_size": cfg.image_size, "classes": manifest.classes,
             "mean": manifest.stats.mean, "std": manifest.stats.std, "wandb_id": log.wandb_id}
 
@@ -220,11 +225,12 @@ def _train(cfg: Config, ctx: dist.DistContext) -> int:
                                      image_size=cfg.image_size, workers=cfg.workers, seed=cfg.seed, epoch=epoch,
                                      skip_batches=batches_done, min_crop_scale=cfg.min_crop_scale,
                                      shuffle_buffer=cfg.shuffle_buffer, pin_memory=device.type == "cuda",
-                                     read_piece=read_piece)
+                                     read_piece=read_piece, decode_on_device=device_augment is not None)
+        batches = DevicePrefetcher(loader, device_augment) if device_augment is not None else loader
         loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
         window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
         fetch_start = time.perf_counter()
-        for images, labels, keys in loader:
+        for images, labels, keys in batches:
             data_wait += time.perf_counter() - fetch_start
             if cfg.record_samples:
                 record_keys(run_dir, ctx.rank, epoch, keys)
@@ -253,11 +259,13 @@ def _train(cfg: Config, ctx: dist.DistContext) -> int:
                 images_per_s = window_steps * global_batch / elapsed
                 mean_loss = loss_sum.item() / (window_steps * cfg.accum_steps)
                 lr_now = scheduler.get_last_lr()[0]
+                memory = {"gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30} if device.type == "cuda" else {}
                 log.log({"kind": "train", "epoch": epoch, "loss": mean_loss, "lr": lr_now,
                          "images_per_s": images_per_s, "data_wait": data_wait / elapsed,
-                         "shards_skipped": shards_skipped.value}, step,
+                         "shards_skipped": shards_skipped.value, **memory}, step,
                         console=f"train step {step:>6}/{total_steps}  epoch {epoch}  loss {mean_loss:.4f}  "
-                                f"lr {lr_now:.4g}  {images_per_s:,.0f} img/s  data wait {data_wait / elapsed:.0%}")
+                                f"lr {lr_now:.4g}  {images_per_s:,.0f} img/s  data wait {data_wait / elapsed:.0%}"
+                                + (f"  peak GPU memory {memory['gpu_mem_gb']:.1f} GiB" if memory else ""))
                 loss_sum.zero_()
                 window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
 
@@ -271,7 +279,9 @@ def _train(cfg: Config, ctx: dist.DistContext) -> int:
             if step >= total_steps:
                 break
             fetch_start = time.perf_counter()
-        del loader  # shut the epoch's workers down before the next epoch starts its own
+        if batches is not loader:
+            batches.close()
+        del loader, batches  # shut the epoch's workers down before the next epoch starts its own
         if exit_code:
             break
         epoch_finished = batches_done >= micro_per_epoch
@@ -285,7 +295,8 @@ def _train(cfg: Config, ctx: dist.DistContext) -> int:
         from distributed_train.plots import plot_training_curves
 
         plot_training_curves(os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "training_curves.png"))
-        log.info(f"done: {step} steps, best val top-1 {best_top1:.4f}; checkpoints in "
+        best = f"best val top-1 {best_top1:.4f}" if best_top1 >= 0 else "no validation split"
+        log.info(f"done: {step} steps, {best}; checkpoints in "
                  f"{checkpoint.checkpoint_dir(run_dir)}")
     log.close()
     return exit_code

@@ -1,0 +1,141 @@
+"""`--decode device`: decode and augment the training JPEGs on the training device instead of in DataLoader workers.
+
+The workers then only read the shards and send each batch's JPEG bytes as one block (`EncodedBatch`); the training
+process decodes the whole batch at once with nvJPEG (`torchvision.io.decode_jpeg(list, device="cuda")`, which uses
+the GPU's hardware JPEG engines where it has them) and crops, resizes and flips on the GPU. The CPU cores stop
+being the limit, at the price of a little GPU time per step. On a CPU-only run the same code decodes in the
+training process (useful for tests, not for speed).
+
+The augmentation is the workers' (RandomResizedCrop + horizontal flip, same parameters), drawn from the batch's
+own seed, so a resumed run draws the same crops; it is not bit-identical to the workers' path (another decoder,
+a float resize without rounding back to uint8).
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torchvision import transforms
+from torchvision.io import ImageReadMode, decode_jpeg
+
+ASPECT_RATIOS = (3 / 4, 4 / 3)  # RandomResizedCrop's default, as in the workers' path
+
+
+class EncodedBatch(NamedTuple):
+    """A training batch before decoding: every JPEG concatenated into one uint8 tensor (one shared-memory block to
+    send from the worker instead of one per image), each one's length, and the batch's augmentation seed."""
+
+    data: torch.Tensor
+    lengths: torch.Tensor
+    seed: int
+
+
+def pack_jpegs(jpegs: list[bytes], seed: int) -> EncodedBatch:
+    data = torch.frombuffer(bytearray(b"".join(jpegs)), dtype=torch.uint8)
+    return EncodedBatch(data, torch.tensor([len(j) for j in jpegs], dtype=torch.long), seed)
+
+
+class DeviceAugment:
+    """EncodedBatch -> (float NCHW batch on `device`, pixel values on the 0-255 scale as `data.normalize` takes them,
+    and the CUDA event that marks it ready, or None on a CPU).
+
+    On a GPU the work runs on a side stream of its own. torchvision's decoder writes its output from an internal
+    stream, so its output memory must come from a pool that no queued training kernel still uses: the side stream's
+    pool (the caching allocator never hands one stream's freed blocks to another), drained before each batch.
+    """
+
+    def __init__(self, image_size: int, min_crop_scale: float, device: torch.device):
+        self.size, self.scale, self.device = image_size, (min_crop_scale, 1.0), device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def __call__(self, batch: EncodedBatch) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        if self.stream is None:
+            return self.decode_and_augment(batch), None
+        self.stream.synchronize()  # the previous batch's crops are done: their memory is free to be rewritten
+        with torch.cuda.stream(self.stream):
+            images = self.decode_and_augment(batch)
+            ready = torch.cuda.Event()
+            ready.record(self.stream)
+        return images, ready
+
+    def decode_and_augment(self, batch: EncodedBatch) -> torch.Tensor:
+        jpegs = list(torch.split(batch.data, batch.lengths.tolist()))  # views into the one block, no copies
+        images = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self.device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(batch.seed)
+            # Image sizes are known on the host after decoding, so drawing the crops never waits for the GPU.
+            boxes = [transforms.RandomResizedCrop.get_params(image, self.scale, ASPECT_RATIOS) for image in images]
+            flips = (torch.rand(len(images)) < 0.5).tolist()
+        out = []
+        for image, (top, left, height, width), flip in zip(images, boxes, flips):
+            crop = image[:, top:top + height, left:left + width]
+            if flip:
+                crop = crop.flip(-1)
+            out.append(F.interpolate(crop[None].float(), size=(self.size, self.size), mode="bilinear",
+                                     antialias=True, align_corners=False))
+        return torch.cat(out)
+
+
+def hand_over(images: torch.Tensor, ready: torch.cuda.Event | None) -> torch.Tensor:
+    """Make the current (training) stream wait for a decoded batch, and keep its memory from being reused by the
+    side stream until the training stream is done with it."""
+    if ready is not None:
+        stream = torch.cuda.current_stream(images.device)
+        stream.wait_event(ready)
+        images.record_stream(stream)
+    return images
+
+
+_END = object()
+
+
+class DevicePrefetcher:
+    """(images, labels, keys) from a loader of (EncodedBatch, labels, keys), decoded `depth` batches ahead on a
+    background thread.
+
+    torchvision's nvJPEG call returns only when its batch is decoded, so on the training thread it would stop kernel
+    launches for the whole decode; on this thread it overlaps the training steps (torch releases the GIL inside
+    the decoder and while launching kernels). `close()` stops the thread; batches read ahead are dropped, which
+    keeps resuming exact (the trainer counts only the batches it consumed).
+    """
+
+    def __init__(self, loader, augment: DeviceAugment, depth: int = 2):
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._produce, args=(loader, augment), daemon=True,
+                                       name="device-decode")
+        self.thread.start()
+
+    def _produce(self, loader, augment: DeviceAugment) -> None:
+        if augment.device.type == "cuda":
+            torch.cuda.set_device(augment.device)  # a new thread starts on GPU 0, not on this rank's GPU
+        try:
+            for encoded, labels, keys in loader:
+                if self.stopping.is_set():
+                    return
+                self._put((*augment(encoded), labels, keys))
+        except BaseException as error:  # re-raised on the training thread
+            self._put(error)
+        self._put(_END)
+
+    def _put(self, item) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def __iter__(self):
+        while (item := self.queue.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            images, ready, labels, keys = item
+            yield hand_over(images, ready), labels, keys
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join()

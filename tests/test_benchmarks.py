@@ -1,0 +1,25 @@
+"""The GPU benchmark runs rarely and on borrowed time: a tiny CPU pass makes sure every part of it still works."""
+import json
+import subprocess
+import sys
+
+from conftest import REPO, python_env
+
+
+def test_bench_gpu_script_runs_every_part_on_the_cpu(tmp_path):
+    out = tmp_path / "results.json"
+    command = [sys.executable, "bench_gpu.py", "--device", "cpu", "--width", "0.125", "--batch-size", "8",
+               "--image-size", "32", "--configs", "fp32,bf16 + channels_last", "--warmup", "1", "--steps", "1",
+               "--unique", "10", "--copies", "4", "--size", "64", "--e2e-steps", "4", "--log-every", "2",
+               "--runs", "workers:1,device:1,synthetic", "--out", str(out), "--workdir", str(tmp_path)]
+    result = subprocess.run(command, cwd=REPO / "benchmarks", env=python_env(), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    check = report["device_decode_check"]
+    assert check["repeatable"] and check["mean_abs_diff"] == 0  # on the CPU both paths use the same decoder
+    assert [r["config"] for r in report["model_only"]] == ["fp32", "bf16 + channels_last"]
+    assert all(r["images_per_s"] > 0 for r in report["model_only"])
+    assert [r["run"] for r in report["end_to_end"]] == ["workers:1", "device:1", "synthetic"]
+    assert all(r["images_per_s"] > 0 and 0 <= r["data_wait"] <= 1 for r in report["end_to_end"])
+    assert "x model-only" in result.stdout

@@ -1,0 +1,105 @@
+"""--decode device on the CPU: the packed batch, the seeded crops and flips, and the read-ahead thread."""
+import io
+import threading
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision import transforms
+from torchvision.io import decode_jpeg
+
+from distributed_train.device_decode import ASPECT_RATIOS, DeviceAugment, DevicePrefetcher, pack_jpegs
+
+CPU = torch.device("cpu")
+
+
+def jpeg(width: int, height: int, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = np.zeros((height, width, 3), np.uint8)
+    pixels[..., 0] = np.linspace(0, 255, width, dtype=np.uint8)  # left-to-right ramp: a flip shows
+    pixels[..., 1:] = rng.integers(0, 255, (height, width, 2), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def jpegs():
+    return [jpeg(w, h, i) for i, (w, h) in enumerate([(80, 60), (60, 80), (64, 64), (100, 70), (70, 100), (90, 90)])]
+
+
+def test_packed_batch_splits_back_into_the_original_files(jpegs):
+    batch = pack_jpegs(jpegs, seed=7)
+    parts = torch.split(batch.data, batch.lengths.tolist())
+    assert [bytes(p.numpy()) for p in parts] == jpegs and batch.seed == 7
+
+
+def test_crops_and_flips_are_the_seeded_random_resized_crop(jpegs):
+    images, ready = DeviceAugment(32, 0.25, CPU)(pack_jpegs(jpegs, seed=11))
+    assert ready is None and images.shape == (len(jpegs), 3, 32, 32) and images.dtype == torch.float32
+
+    # The same draws made independently: one RandomResizedCrop box per image, then one flip coin per image.
+    decoded = [decode_jpeg(torch.frombuffer(bytearray(j), dtype=torch.uint8)) for j in jpegs]
+    torch.manual_seed(11)
+    boxes = [transforms.RandomResizedCrop.get_params(img, (0.25, 1.0), ASPECT_RATIOS) for img in decoded]
+    flips = (torch.rand(len(jpegs)) < 0.5).tolist()
+    assert 0 < sum(flips) < len(flips), "pick a seed that flips some images and not others"
+    for out, img, (top, left, h, w), flip in zip(images, decoded, boxes, flips):
+        crop = img[:, top:top + h, left:left + w].float()
+        expected = F.interpolate(crop[None], size=(32, 32), mode="bilinear", antialias=True)[0]
+        assert torch.allclose(out, expected.flip(-1) if flip else expected, atol=1e-3)
+        ramp = out[0].mean(0)  # the red ramp rises left to right unless flipped
+        assert (ramp[-1] < ramp[0]) == flip
+
+
+def test_same_seed_same_batch_other_seed_other_crops(jpegs):
+    augment = DeviceAugment(32, 0.25, CPU)
+    a, _ = augment(pack_jpegs(jpegs, seed=1))
+    b, _ = augment(pack_jpegs(jpegs, seed=1))
+    c, _ = augment(pack_jpegs(jpegs, seed=2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert 0 <= a.min() and a.max() <= 255
+
+
+def encoded_batches(jpegs, count):
+    for i in range(count):
+        yield pack_jpegs(jpegs, seed=i), torch.full((len(jpegs),), i), [f"key-{i}"] * len(jpegs)
+
+
+def test_prefetcher_yields_every_batch_in_order_decoded(jpegs):
+    augment = DeviceAugment(32, 0.25, CPU)
+    prefetcher = DevicePrefetcher(encoded_batches(jpegs, 5), augment)
+    out = list(prefetcher)
+    prefetcher.close()
+    assert [int(labels[0]) for _, labels, _ in out] == [0, 1, 2, 3, 4]
+    assert all(torch.equal(images, augment(pack_jpegs(jpegs, seed=i))[0]) for i, (images, _, _) in enumerate(out))
+
+
+def test_prefetcher_raises_the_loaders_error_on_the_training_thread(jpegs):
+    def failing():
+        yield from encoded_batches(jpegs, 2)
+        raise OSError("shard unreadable")
+
+    prefetcher = DevicePrefetcher(failing(), DeviceAugment(32, 0.25, CPU))
+    got = []
+    with pytest.raises(OSError, match="shard unreadable"):
+        for batch in prefetcher:
+            got.append(batch)
+    assert len(got) == 2
+    prefetcher.close()
+
+
+def test_close_mid_stream_stops_the_thread(jpegs):
+    def endless():
+        while True:
+            yield from encoded_batches(jpegs, 1)
+
+    prefetcher = DevicePrefetcher(endless(), DeviceAugment(32, 0.25, CPU), depth=2)
+    for i, _ in enumerate(prefetcher):
+        if i == 3:
+            break
+    prefetcher.close()
+    assert not prefetcher.thread.is_alive()
+    assert not any(t.name == "device-decode" for t in threading.enumerate())
