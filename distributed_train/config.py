@@ -42,7 +42,8 @@ class Config:
     compile: bool = _opt(False, "torch.compile the model")
     channels_last: str = _opt("auto", "auto | on | off (auto: on)")
     sync_bn: bool = _opt(False, "SyncBatchNorm across GPUs (CUDA only)")
-    workers: int = _opt(4, "DataLoader worker processes per rank")
+    workers: int = _opt(-1, "DataLoader worker processes per rank (-1: auto: on a GPU the rank's share of the CPU "
+                            "cores less one, at most 8; on a CPU 4)")
     decode: str = _opt("workers", "where training JPEGs are decoded and augmented: workers (DataLoader processes, on "
                                   "CPU cores) | device (nvJPEG on the GPU; the workers only read shards)")
     synthetic: bool = _opt(False, "benchmark: train on one fixed random batch in memory instead of the shards")
@@ -73,6 +74,8 @@ class Config:
             problems.append(f"--decode {self.decode!r}: use workers or device")
         if self.on_shard_error not in ("fail", "skip"):
             problems.append(f"--on-shard-error {self.on_shard_error!r}: use fail or skip")
+        if self.workers < -1:
+            problems.append("--workers must be -1 (auto), 0 (load in the training process) or more")
         for name in ("batch_size", "accum_steps", "image_size", "log_every", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1")

@@ -7,7 +7,8 @@ from torch.optim.swa_utils import AveragedModel
 
 from distributed_train.config import Config, parse_args
 from distributed_train.model import build_model
-from distributed_train.train import build_optimizer, cpu_has_bf16, ema_with_warmup, resolve_precision, warmup_cosine
+from distributed_train.train import (auto_workers, build_optimizer, cpu_has_bf16, ema_with_warmup, resolve_precision,
+                                     warmup_cosine)
 
 
 def test_warmup_then_cosine_to_zero():
@@ -56,5 +57,16 @@ def test_precision_auto_on_cpu_follows_the_bf16_units():
 
 def test_command_line_errors_are_one_line(capsys):
     with pytest.raises(SystemExit) as e:
-        parse_args(["--data", "d", "--run-dir", "r", "--precision", "fp8", "--batch-size", "0"])
-    assert "--precision 'fp8'" in str(e.value) and "--batch-size must be at least 1" in str(e.value)
+        parse_args(["--data", "d", "--run-dir", "r", "--precision", "fp8", "--batch-size", "0", "--workers", "-2",
+                    "--decode", "gpu"])
+    message = str(e.value)
+    assert "--precision 'fp8'" in message and "--batch-size must be at least 1" in message
+    assert "--workers must be -1 (auto)" in message and "--decode 'gpu': use workers or device" in message
+
+
+def test_auto_workers_share_the_cores_between_the_gpus_of_a_node():
+    gpu = torch.device("cuda", 0)
+    assert auto_workers(gpu, cores=16, local_ranks=1) == 8  # capped: 8 keep up with a compiled H200
+    assert auto_workers(gpu, cores=64, local_ranks=8) == 7  # one core per GPU left for its training loop
+    assert auto_workers(gpu, cores=8, local_ranks=8) == 1  # never 0: that would decode on the training thread
+    assert auto_workers(torch.device("cpu"), cores=2, local_ranks=1) == 4
