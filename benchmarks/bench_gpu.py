@@ -156,7 +156,8 @@ def make_shards(args, scratch: Path) -> Path:
     manifest = build_dataset(str(images), str(images.parent / "labels.csv"), str(shards), size=args.size,
                              val_fraction=0.02, workers=cpus, progress=False)
     print(f"data: {len(labels)} generated pictures x {args.copies} copies -> {manifest.split('train').num_samples} "
-          f"train / {manifest.splits['val'].num_samples if 'val' in manifest.splits else 0} val samples at --size {args.size} in "
+          f"train / {manifest.splits['val'].num_samples if 'val' in manifest.splits else 0} val samples at --size "
+          f"{args.size} in "
           f"{time.perf_counter() - start:.0f} s", flush=True)
     return shards
 
@@ -277,7 +278,8 @@ def main() -> int:
         verdict = "meets" if bf16_cl["images_per_s"] >= TARGET_MODEL else "BELOW"
         print(f"  bf16 + channels_last: {bf16_cl['images_per_s']:.0f} img/s ({verdict} the H100 target "
               f">= {TARGET_MODEL}; NVIDIA's A100 anchor 2,470)")
-    print(f"end to end with the fastest setting ({best['config']}), vs its model-only {best['images_per_s']:.0f} img/s:")
+    print(f"end to end with the fastest setting ({best['config']}), vs its model-only "
+          f"{best['images_per_s']:.0f} img/s:")
     synthetic = next((r for r in results["end_to_end"] if r["run"].startswith("synthetic") and "error" not in r), None)
     for r in results["end_to_end"]:
         if "error" in r:

@@ -277,7 +277,8 @@ def _train(cfg: Config, ctx: dist.DistContext) -> int:
                 images_per_s = window_steps * global_batch / elapsed
                 mean_loss = loss_sum.item() / (window_steps * cfg.accum_steps)
                 lr_now = scheduler.get_last_lr()[0]
-                memory = {"gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30} if device.type == "cuda" else {}
+                memory = {"gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30} \
+                    if device.type == "cuda" else {}
                 log.log({"kind": "train", "epoch": epoch, "loss": mean_loss, "lr": lr_now,
                          "images_per_s": images_per_s, "data_wait": data_wait / elapsed,
                          "shards_skipped": shards_skipped.value, **memory}, step,
