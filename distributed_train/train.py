@@ -17,12 +17,12 @@ import time
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.optim.swa_utils import AveragedModel
 
 from distributed_train import EXIT_PREEMPTED, checkpoint, dist
 from distributed_train.config import Config
 from distributed_train.data import PieceReader, eval_loader, normalize, stats_tensors, train_batches_per_rank, train_loader
 from distributed_train.device_decode import DeviceAugment, DevicePrefetcher
+from distributed_train.ema import WeightEMA
 from distributed_train.evaluate import evaluate
 from distributed_train.logger import Logger
 from distributed_train.model import build_model, load_torchvision_state_dict
@@ -80,16 +80,6 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return factor
-
-
-def ema_with_warmup(decay: float):
-    """EMA update with timm's decay warmup, min(decay, (1 + n) / (10 + n)) after n updates: a fixed 0.999 would keep
-    ~37% of the random initial weights after 1,000 steps, which ruins short runs. Stays on the device (no sync)."""
-    def update(ema_params, params, num_averaged):
-        d = torch.clamp((1 + num_averaged) / (10 + num_averaged), max=decay).to(ema_params[0].dtype)
-        torch._foreach_mul_(ema_params, d)
-        torch._foreach_add_(ema_params, torch._foreach_mul(params, 1 - d))
-    return update
 
 
 def forward_backward(model, ddp_model, x, y, *, autocast, scaler, accum_steps: int, sync: bool,
@@ -158,8 +148,7 @@ def _train(cfg: Config, ctx: dist.DistContext) -> int:
     if cfg.sync_bn and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device, memory_format=memory_format)
-    ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(cfg.ema_decay), use_buffers=True) \
-        if cfg.ema_decay > 0 else None
+    ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
     global_batch = cfg.batch_size * ctx.world_size * cfg.accum_steps
     lr = cfg.lr or (0.1 if cfg.optimizer == "sgd" else 1e-3) * global_batch / 256
@@ -268,7 +257,7 @@ def _train(cfg: Config, ctx: dist.DistContext) -> int:
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             if ema is not None:
-                ema.update_parameters(model)
+                ema.update(model)
             step += 1
             window_steps += 1
 

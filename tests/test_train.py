@@ -144,7 +144,7 @@ def wait_for(predicate, timeout, what):
 def test_kill_and_restart_resumes_mid_epoch_to_the_same_weights(uneven_shards, tmp_path, decode):
     # --decode device reads batches ahead on a thread and drops them at a stop: the resumed run must not notice
     args = ["--max-steps", "12", "--checkpoint-every", "3", "--workers", "2", "--wandb", "disabled",
-            "--batch-size", "16", "--image-size", "48", "--log-every", "1", "--decode", decode]
+            "--batch-size", "16", "--image-size", "48", "--log-every", "1", "--decode", decode, "--ema-decay", "0.9"]
     straight = tmp_path / "straight"
     assert run(train_cmd(uneven_shards, straight, *args)).returncode == 0
 
@@ -169,6 +169,10 @@ def test_kill_and_restart_resumes_mid_epoch_to_the_same_weights(uneven_shards, t
     assert a["step"] == b["step"] == 12
     for name, tensor in a["model"].items():
         assert torch.allclose(tensor.float(), b["model"][name].float(), atol=1e-5), f"{name} differs after resume"
+    # the EMA too, so its update count (which sets the warmup decay) was saved and restored
+    assert a["ema"]["n_averaged"].item() == b["ema"]["n_averaged"].item() == 12
+    for name, tensor in a["ema"].items():
+        assert torch.allclose(tensor.float(), b["ema"][name].float(), atol=1e-5), f"EMA {name} differs after resume"
 
 
 def test_sigterm_on_one_rank_stops_all_ranks_with_a_checkpoint(uneven_shards, tmp_path):

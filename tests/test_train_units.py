@@ -7,8 +7,9 @@ from torch.optim.swa_utils import AveragedModel
 
 from distributed_train.config import Config, parse_args
 from distributed_train.model import build_model
-from distributed_train.train import (auto_workers, build_optimizer, cpu_has_bf16, ema_with_warmup, resolve_precision,
-                                     warmup_cosine)
+from distributed_train.checkpoint import inference_weights
+from distributed_train.ema import WeightEMA
+from distributed_train.train import auto_workers, build_optimizer, cpu_has_bf16, resolve_precision, warmup_cosine
 
 
 def test_warmup_then_cosine_to_zero():
@@ -19,23 +20,40 @@ def test_warmup_then_cosine_to_zero():
 
 
 def test_ema_warmup_forgets_the_initial_weights_then_decays_at_the_set_rate():
-    model = torch.nn.Linear(4, 1, bias=False)
-    ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(0.999), use_buffers=True)
-    initial = model.weight.detach().clone()
-    ema.update_parameters(model)  # the first update copies the (random) initial weights
+    model = torch.nn.Sequential(torch.nn.Linear(4, 2, bias=False), torch.nn.BatchNorm1d(2))
+    ema = WeightEMA(model, 0.999)
+    initial = model[0].weight.detach().clone()
+    ema.update(model)  # the first update copies the (random) initial weights
+    assert torch.equal(ema.module[0].weight, initial)
     with torch.no_grad():
-        model.weight.copy_(initial + 1.0)
+        model[0].weight.copy_(initial + 1.0)
+    model(torch.randn(8, 4))  # moves BatchNorm's running stats and its batch counter
     for _ in range(200):
-        ema.update_parameters(model)
+        ema.update(model)
     # a plain 0.999 EMA would still hold 0.999**200 = 82% of the random initial weights
-    assert (initial + 1.0 - ema.module.weight).abs().max().item() < 1e-3
+    assert (initial + 1.0 - ema.module[0].weight).abs().max().item() < 1e-3
+    assert torch.allclose(ema.module[1].running_mean, model[1].running_mean, atol=1e-3)
+    assert ema.module[1].num_batches_tracked.item() == 1  # an integer buffer is copied, not averaged
     # once warmed up, one update moves the average by exactly 1 - decay of the gap
-    ema.n_averaged.fill_(10**6)
-    before = ema.module.weight.detach().clone()
+    ema.updates = 10**6
+    before = ema.module[0].weight.detach().clone()
     with torch.no_grad():
-        model.weight.copy_(before + 1.0)
-    ema.update_parameters(model)
-    assert torch.allclose(ema.module.weight - before, torch.full_like(before, 0.001), atol=1e-6)
+        model[0].weight.copy_(before + 1.0)
+    ema.update(model)
+    assert torch.allclose(ema.module[0].weight - before, torch.full_like(before, 0.001), atol=1e-6)
+
+
+def test_ema_checkpoints_read_like_averaged_models():
+    """Checkpoints written before WeightEMA (torch's AveragedModel) load into it, and inference reads both alike."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.BatchNorm1d(2))
+    old = AveragedModel(model, use_buffers=True)
+    old.update_parameters(model)
+    old.update_parameters(model)
+    ema = WeightEMA(torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.BatchNorm1d(2)), 0.99)
+    ema.load_state_dict(old.state_dict())
+    assert ema.updates == 2 and set(ema.state_dict()) == set(old.state_dict())
+    weights = inference_weights({"ema": ema.state_dict(), "model": {}})
+    assert torch.equal(weights["0.weight"], model[0].weight.detach())
 
 
 def test_no_weight_decay_on_batchnorm_and_biases():
