@@ -171,13 +171,13 @@ def check_device_decode(args, shards: Path) -> dict:
     device = torch.device(args.device)
     url = Manifest.read(str(shards)).shard_urls(str(shards), "train")[0]
     jpegs = [s["jpg"] for s in iter_shard_samples(url, stop=args.batch_size)]
-    reference, _ = DeviceAugment(args.image_size, 0.25, torch.device("cpu"))(pack_jpegs(jpegs, seed=123))
-    augment = DeviceAugment(args.image_size, 0.25, device)
-    first, second = (hand_over(*augment(pack_jpegs(jpegs, seed=123))).cpu() for _ in range(2))
+    batch = pack_jpegs(jpegs, 123, (0.25, 1.0))
+    reference, _ = DeviceAugment(args.image_size, torch.device("cpu"))(batch)
+    augment = DeviceAugment(args.image_size, device)
+    first, second = (hand_over(*augment(batch)).cpu() for _ in range(2))
     diff = (first - reference).abs().flatten()[::7]  # a sample: quantile() refuses very large tensors
     result = {"images": len(jpegs), "mean_abs_diff": diff.mean().item(), "p99_abs_diff": diff.quantile(0.99).item(),
               "repeatable": bool(torch.equal(first, second))}
-    batch = pack_jpegs(jpegs, seed=1)
     tensors = list(torch.split(batch.data, batch.lengths.tolist()))
     for name, work in (("decode_ms", lambda: decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)),
                        ("decode_augment_ms", lambda: hand_over(*augment(batch)))):

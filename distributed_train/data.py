@@ -130,9 +130,10 @@ class Preprocess:
     """JPEG bytes -> augmented uint8 CHW tensor. Training: RandomResizedCrop + flip; eval: resize + centre crop."""
 
     def __init__(self, train: bool, image_size: int, min_crop_scale: float = 0.25):
+        self.crop_scale = (min_crop_scale, 1.0)
         if train:
             self.transform = v2.Compose([
-                v2.RandomResizedCrop(image_size, scale=(min_crop_scale, 1.0), antialias=True),
+                v2.RandomResizedCrop(image_size, scale=self.crop_scale, antialias=True),
                 v2.RandomHorizontalFlip(),
             ])
         else:
@@ -178,7 +179,7 @@ class SlotStream(IterableDataset):
         # Augmentation randomness depends only on (seed, epoch, rank, worker, batch index): a resumed run draws the
         # same crops as an uninterrupted one.
         if self.encoded:
-            images = pack_jpegs([s["jpg"] for s in raw], hash_seed(seed))
+            images = pack_jpegs([s["jpg"] for s in raw], hash_seed(seed), self.preprocess.crop_scale)
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(hash_seed(seed))

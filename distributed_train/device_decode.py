@@ -8,18 +8,20 @@ background thread. For GPUs with few CPU cores each. Measured on an H200 (BENCHM
 trains at ~0.63x the speed of decoding in 6 or more workers. On a CPU-only run the same code decodes in the
 training process (for tests, not for speed).
 
-The augmentation is the workers' (RandomResizedCrop + horizontal flip, same parameters), drawn from the batch's
-own seed, so a resumed run draws the same crops; it is not bit-identical to the workers' path (another decoder,
-a float resize without rounding back to uint8).
+The augmentation is the workers' (RandomResizedCrop + horizontal flip, same parameters), drawn in the worker from
+the batch's own seed, so a resumed run draws the same crops; it is not bit-identical to the workers' path (another
+decoder, a float resize without rounding back to uint8).
 """
 from __future__ import annotations
 
+import io
 import queue
 import threading
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torchvision import transforms
 from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -28,16 +30,24 @@ ASPECT_RATIOS = (3 / 4, 4 / 3)  # RandomResizedCrop's default, as in the workers
 
 class EncodedBatch(NamedTuple):
     """A training batch before decoding: every JPEG concatenated into one uint8 tensor (one shared-memory block to
-    send from the worker instead of one per image), each one's length, and the batch's augmentation seed."""
+    send from the worker instead of one per image), each one's length, and its crop box and flip, drawn in the worker
+    like the workers' own path draws them (so no random state is touched on the training process's threads)."""
 
     data: torch.Tensor
     lengths: torch.Tensor
-    seed: int
+    boxes: torch.Tensor  # (N, 4): top, left, height, width of each RandomResizedCrop
+    flips: torch.Tensor  # (N,) bool
 
 
-def pack_jpegs(jpegs: list[bytes], seed: int) -> EncodedBatch:
+def pack_jpegs(jpegs: list[bytes], seed: int, crop_scale: tuple[float, float]) -> EncodedBatch:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        # Image.open reads the header only: the size RandomResizedCrop needs, without decoding
+        boxes = [transforms.RandomResizedCrop.get_params(Image.open(io.BytesIO(j)), crop_scale, ASPECT_RATIOS)
+                 for j in jpegs]
+        flips = torch.rand(len(jpegs)) < 0.5
     data = torch.frombuffer(bytearray(b"".join(jpegs)), dtype=torch.uint8)
-    return EncodedBatch(data, torch.tensor([len(j) for j in jpegs], dtype=torch.long), seed)
+    return EncodedBatch(data, torch.tensor([len(j) for j in jpegs]), torch.tensor(boxes), flips)
 
 
 class DeviceAugment:
@@ -49,8 +59,8 @@ class DeviceAugment:
     pool (the caching allocator never hands one stream's freed blocks to another), drained before each batch.
     """
 
-    def __init__(self, image_size: int, min_crop_scale: float, device: torch.device):
-        self.size, self.scale, self.device = image_size, (min_crop_scale, 1.0), device
+    def __init__(self, image_size: int, device: torch.device):
+        self.size, self.device = image_size, device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def __call__(self, batch: EncodedBatch) -> tuple[torch.Tensor, torch.cuda.Event | None]:
@@ -66,13 +76,8 @@ class DeviceAugment:
     def decode_and_augment(self, batch: EncodedBatch) -> torch.Tensor:
         jpegs = list(torch.split(batch.data, batch.lengths.tolist()))  # views into the one block, no copies
         images = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self.device)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(batch.seed)
-            # Image sizes are known on the host after decoding, so drawing the crops never waits for the GPU.
-            boxes = [transforms.RandomResizedCrop.get_params(image, self.scale, ASPECT_RATIOS) for image in images]
-            flips = (torch.rand(len(images)) < 0.5).tolist()
         out = []
-        for image, (top, left, height, width), flip in zip(images, boxes, flips):
+        for image, (top, left, height, width), flip in zip(images, batch.boxes.tolist(), batch.flips.tolist()):
             crop = image[:, top:top + height, left:left + width]
             if flip:
                 crop = crop.flip(-1)

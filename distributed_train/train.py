@@ -180,7 +180,7 @@ def _train(cfg: Config, ctx: dist.DistContext) -> int:
     shards_skipped = multiprocessing.Value("i", 0)  # counted in the DataLoader workers, logged here
     read_piece = PieceReader(cfg.on_shard_error, shard_digests(manifest, cfg.data) if cfg.verify_shards else None,
                              shards_skipped)
-    device_augment = DeviceAugment(cfg.image_size, cfg.min_crop_scale, device) \
+    device_augment = DeviceAugment(cfg.image_size, device) \
         if cfg.decode == "device" and not cfg.synthetic else None
     meta = {"arch": cfg.arch, "width": cfg.width, "image_size": cfg.image_size, "classes": manifest.classes,
             "mean": manifest.stats.mean, "std": manifest.stats.std, "wandb_id": log.wandb_id}

@@ -13,6 +13,7 @@ from torchvision.io import decode_jpeg
 from distributed_train.device_decode import ASPECT_RATIOS, DeviceAugment, DevicePrefetcher, pack_jpegs
 
 CPU = torch.device("cpu")
+SCALE = (0.25, 1.0)
 
 
 def jpeg(width: int, height: int, seed: int) -> bytes:
@@ -31,20 +32,24 @@ def jpegs():
 
 
 def test_packed_batch_splits_back_into_the_original_files(jpegs):
-    batch = pack_jpegs(jpegs, seed=7)
+    batch = pack_jpegs(jpegs, 7, SCALE)
     parts = torch.split(batch.data, batch.lengths.tolist())
-    assert [bytes(p.numpy()) for p in parts] == jpegs and batch.seed == 7
+    assert [bytes(p.numpy()) for p in parts] == jpegs
+    assert batch.boxes.shape == (len(jpegs), 4) and batch.flips.shape == (len(jpegs),)
 
 
 def test_crops_and_flips_are_the_seeded_random_resized_crop(jpegs):
-    images, ready = DeviceAugment(32, 0.25, CPU)(pack_jpegs(jpegs, seed=11))
+    batch = pack_jpegs(jpegs, 11, SCALE)
+    images, ready = DeviceAugment(32, CPU)(batch)
     assert ready is None and images.shape == (len(jpegs), 3, 32, 32) and images.dtype == torch.float32
 
-    # The same draws made independently: one RandomResizedCrop box per image, then one flip coin per image.
+    # The same draws made independently on the decoded images: one RandomResizedCrop box per image, then one flip
+    # coin per image.
     decoded = [decode_jpeg(torch.frombuffer(bytearray(j), dtype=torch.uint8)) for j in jpegs]
     torch.manual_seed(11)
-    boxes = [transforms.RandomResizedCrop.get_params(img, (0.25, 1.0), ASPECT_RATIOS) for img in decoded]
+    boxes = [transforms.RandomResizedCrop.get_params(img, SCALE, ASPECT_RATIOS) for img in decoded]
     flips = (torch.rand(len(jpegs)) < 0.5).tolist()
+    assert batch.boxes.tolist() == [list(b) for b in boxes] and batch.flips.tolist() == flips
     assert 0 < sum(flips) < len(flips), "pick a seed that flips some images and not others"
     for out, img, (top, left, h, w), flip in zip(images, decoded, boxes, flips):
         crop = img[:, top:top + h, left:left + w].float()
@@ -55,26 +60,26 @@ def test_crops_and_flips_are_the_seeded_random_resized_crop(jpegs):
 
 
 def test_same_seed_same_batch_other_seed_other_crops(jpegs):
-    augment = DeviceAugment(32, 0.25, CPU)
-    a, _ = augment(pack_jpegs(jpegs, seed=1))
-    b, _ = augment(pack_jpegs(jpegs, seed=1))
-    c, _ = augment(pack_jpegs(jpegs, seed=2))
+    augment = DeviceAugment(32, CPU)
+    a, _ = augment(pack_jpegs(jpegs, 1, SCALE))
+    b, _ = augment(pack_jpegs(jpegs, 1, SCALE))
+    c, _ = augment(pack_jpegs(jpegs, 2, SCALE))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert 0 <= a.min() and a.max() <= 255
 
 
 def encoded_batches(jpegs, count):
     for i in range(count):
-        yield pack_jpegs(jpegs, seed=i), torch.full((len(jpegs),), i), [f"key-{i}"] * len(jpegs)
+        yield pack_jpegs(jpegs, i, SCALE), torch.full((len(jpegs),), i), [f"key-{i}"] * len(jpegs)
 
 
 def test_prefetcher_yields_every_batch_in_order_decoded(jpegs):
-    augment = DeviceAugment(32, 0.25, CPU)
+    augment = DeviceAugment(32, CPU)
     prefetcher = DevicePrefetcher(encoded_batches(jpegs, 5), augment)
     out = list(prefetcher)
     prefetcher.close()
     assert [int(labels[0]) for _, labels, _ in out] == [0, 1, 2, 3, 4]
-    assert all(torch.equal(images, augment(pack_jpegs(jpegs, seed=i))[0]) for i, (images, _, _) in enumerate(out))
+    assert all(torch.equal(images, augment(pack_jpegs(jpegs, i, SCALE))[0]) for i, (images, _, _) in enumerate(out))
 
 
 def test_prefetcher_raises_the_loaders_error_on_the_training_thread(jpegs):
@@ -82,7 +87,7 @@ def test_prefetcher_raises_the_loaders_error_on_the_training_thread(jpegs):
         yield from encoded_batches(jpegs, 2)
         raise OSError("shard unreadable")
 
-    prefetcher = DevicePrefetcher(failing(), DeviceAugment(32, 0.25, CPU))
+    prefetcher = DevicePrefetcher(failing(), DeviceAugment(32, CPU))
     got = []
     with pytest.raises(OSError, match="shard unreadable"):
         for batch in prefetcher:
@@ -96,7 +101,7 @@ def test_close_mid_stream_stops_the_thread(jpegs):
         while True:
             yield from encoded_batches(jpegs, 1)
 
-    prefetcher = DevicePrefetcher(endless(), DeviceAugment(32, 0.25, CPU), depth=2)
+    prefetcher = DevicePrefetcher(endless(), DeviceAugment(32, CPU), depth=2)
     for i, _ in enumerate(prefetcher):
         if i == 3:
             break
