@@ -171,7 +171,8 @@ def check_device_decode(args, shards: Path) -> dict:
     device = torch.device(args.device)
     url = Manifest.read(str(shards)).shard_urls(str(shards), "train")[0]
     jpegs = [s["jpg"] for s in iter_shard_samples(url, stop=args.batch_size)]
-    batch = pack_jpegs(jpegs, 123, (0.25, 1.0))
+    torch.manual_seed(123)
+    batch = pack_jpegs(jpegs, (0.25, 1.0))
     reference, _ = DeviceAugment(args.image_size, torch.device("cpu"))(batch)
     augment = DeviceAugment(args.image_size, device)
     first, second = (hand_over(*augment(batch)).cpu() for _ in range(2))

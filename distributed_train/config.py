@@ -45,7 +45,7 @@ class Config:
     workers: int = _opt(-1, "DataLoader worker processes per rank (-1: auto: on a GPU the rank's share of the CPU "
                             "cores less one, at most 8; on a CPU 4)")
     decode: str = _opt("workers", "where training JPEGs are decoded and augmented: workers (DataLoader processes, on "
-                                  "CPU cores) | device (nvJPEG on the GPU; the workers only read shards)")
+                                  "CPU cores) | device (nvJPEG on the GPU; the workers read shards and draw crops)")
     synthetic: bool = _opt(False, "benchmark: train on one fixed random batch in memory instead of the shards")
     shuffle_buffer: int = _opt(1000, "samples in each worker's shuffle buffer")
     # bookkeeping

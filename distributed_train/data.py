@@ -178,11 +178,11 @@ class SlotStream(IterableDataset):
     def make_batch(self, raw: list[dict], seed: tuple):
         # Augmentation randomness depends only on (seed, epoch, rank, worker, batch index): a resumed run draws the
         # same crops as an uninterrupted one.
-        if self.encoded:
-            images = pack_jpegs([s["jpg"] for s in raw], hash_seed(seed), self.preprocess.crop_scale)
-        else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(hash_seed(seed))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash_seed(seed))
+            if self.encoded:  # --decode device: crops drawn here, decoded on the GPU
+                images = pack_jpegs([s["jpg"] for s in raw], self.preprocess.crop_scale)
+            else:
                 # default_collate stacks straight into shared memory inside a worker: no extra copy to send the batch
                 images = default_collate([self.preprocess(s["jpg"]) for s in raw])
         labels = torch.tensor([int(s["cls"]) for s in raw], dtype=torch.long)

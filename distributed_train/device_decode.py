@@ -1,6 +1,7 @@
 """`--decode device`: decode and augment the training JPEGs on the training device instead of in DataLoader workers.
 
-The workers then only read the shards and send each batch's JPEG bytes as one block (`EncodedBatch`); the training
+The workers then read the shards, draw each image's crop and flip, and send each batch's JPEG bytes as one block
+(`EncodedBatch`), decoding nothing; the training
 process decodes the whole batch at once with nvJPEG (`torchvision.io.decode_jpeg(list, device="cuda")`, which uses
 the GPU's hardware JPEG engines where it has them) and crops, resizes and flips on the GPU, a batch ahead on a
 background thread. For GPUs with few CPU cores each. Measured on an H200 (BENCHMARKS.md): nvJPEG decodes a batch of
@@ -39,13 +40,13 @@ class EncodedBatch(NamedTuple):
     flips: torch.Tensor  # (N,) bool
 
 
-def pack_jpegs(jpegs: list[bytes], seed: int, crop_scale: tuple[float, float]) -> EncodedBatch:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        # Image.open reads the header only: the size RandomResizedCrop needs, without decoding
-        boxes = [transforms.RandomResizedCrop.get_params(Image.open(io.BytesIO(j)), crop_scale, ASPECT_RATIOS)
-                 for j in jpegs]
-        flips = torch.rand(len(jpegs)) < 0.5
+def pack_jpegs(jpegs: list[bytes], crop_scale: tuple[float, float]) -> EncodedBatch:
+    """Draws each image's crop and flip from torch's random state, as the transforms of the workers' path do (the
+    caller seeds it per batch)."""
+    # Image.open reads the header only: the size RandomResizedCrop needs, without decoding
+    boxes = [transforms.RandomResizedCrop.get_params(Image.open(io.BytesIO(j)), crop_scale, ASPECT_RATIOS)
+             for j in jpegs]
+    flips = torch.rand(len(jpegs)) < 0.5
     data = torch.frombuffer(bytearray(b"".join(jpegs)), dtype=torch.uint8)
     return EncodedBatch(data, torch.tensor([len(j) for j in jpegs]), torch.tensor(boxes), flips)
 

@@ -22,26 +22,24 @@ class WeightEMA(torch.nn.Module):
         self.module.requires_grad_(False)
         self.decay = decay
         self.register_buffer("n_averaged", torch.tensor(0, dtype=torch.long))  # stays on the CPU: never moved
-        self.updates = 0
+        self.floats, self.counters = split_floats(self.module)
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
-        averaged = [*self.module.parameters(), *self.module.buffers()]
-        current = [t.detach() for t in (*model.parameters(), *model.buffers())]
-        floats = [i for i, t in enumerate(averaged) if t.is_floating_point()]
-        counters = [i for i, t in enumerate(averaged) if not t.is_floating_point()]  # BatchNorm's batch counts
-        if self.updates == 0:
-            torch._foreach_copy_(averaged, current)
+        floats, counters = split_floats(model)
+        n = int(self.n_averaged)  # a CPU tensor: reading it never waits for the GPU
+        if n == 0:
+            torch._foreach_copy_(self.floats, floats)
         else:
-            decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+            decay = min(self.decay, (1 + n) / (10 + n))
             # lerp: a + (b - a) * w = decay * a + (1 - decay) * b, one kernel for all tensors
-            torch._foreach_lerp_([averaged[i] for i in floats], [current[i] for i in floats], 1.0 - decay)
-            if counters:
-                torch._foreach_copy_([averaged[i] for i in counters], [current[i] for i in counters])
-        self.updates += 1
-        self.n_averaged.fill_(self.updates)
+            torch._foreach_lerp_(self.floats, floats, 1.0 - decay)
+        if counters:  # BatchNorm's batch counts: copied, not averaged
+            torch._foreach_copy_(self.counters, counters)
+        self.n_averaged += 1
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
-        self.updates = int(self.n_averaged)
-        return result
+
+def split_floats(model: torch.nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A model's parameters and buffers, in a fixed order: the floating-point ones, and the integer ones."""
+    tensors = [t.detach() for t in (*model.parameters(), *model.buffers())]
+    return [t for t in tensors if t.is_floating_point()], [t for t in tensors if not t.is_floating_point()]

@@ -26,20 +26,25 @@ def jpeg(width: int, height: int, seed: int) -> bytes:
     return buffer.getvalue()
 
 
+def packed(jpegs: list[bytes], seed: int):
+    torch.manual_seed(seed)  # as SlotStream.make_batch seeds each batch
+    return pack_jpegs(jpegs, SCALE)
+
+
 @pytest.fixture(scope="module")
 def jpegs():
     return [jpeg(w, h, i) for i, (w, h) in enumerate([(80, 60), (60, 80), (64, 64), (100, 70), (70, 100), (90, 90)])]
 
 
 def test_packed_batch_splits_back_into_the_original_files(jpegs):
-    batch = pack_jpegs(jpegs, 7, SCALE)
+    batch = packed(jpegs, 7)
     parts = torch.split(batch.data, batch.lengths.tolist())
     assert [bytes(p.numpy()) for p in parts] == jpegs
     assert batch.boxes.shape == (len(jpegs), 4) and batch.flips.shape == (len(jpegs),)
 
 
 def test_crops_and_flips_are_the_seeded_random_resized_crop(jpegs):
-    batch = pack_jpegs(jpegs, 11, SCALE)
+    batch = packed(jpegs, 11)
     images, ready = DeviceAugment(32, CPU)(batch)
     assert ready is None and images.shape == (len(jpegs), 3, 32, 32) and images.dtype == torch.float32
 
@@ -61,16 +66,16 @@ def test_crops_and_flips_are_the_seeded_random_resized_crop(jpegs):
 
 def test_same_seed_same_batch_other_seed_other_crops(jpegs):
     augment = DeviceAugment(32, CPU)
-    a, _ = augment(pack_jpegs(jpegs, 1, SCALE))
-    b, _ = augment(pack_jpegs(jpegs, 1, SCALE))
-    c, _ = augment(pack_jpegs(jpegs, 2, SCALE))
+    a, _ = augment(packed(jpegs, 1))
+    b, _ = augment(packed(jpegs, 1))
+    c, _ = augment(packed(jpegs, 2))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert 0 <= a.min() and a.max() <= 255
 
 
 def encoded_batches(jpegs, count):
     for i in range(count):
-        yield pack_jpegs(jpegs, i, SCALE), torch.full((len(jpegs),), i), [f"key-{i}"] * len(jpegs)
+        yield packed(jpegs, i), torch.full((len(jpegs),), i), [f"key-{i}"] * len(jpegs)
 
 
 def test_prefetcher_yields_every_batch_in_order_decoded(jpegs):
@@ -79,7 +84,7 @@ def test_prefetcher_yields_every_batch_in_order_decoded(jpegs):
     out = list(prefetcher)
     prefetcher.close()
     assert [int(labels[0]) for _, labels, _ in out] == [0, 1, 2, 3, 4]
-    assert all(torch.equal(images, augment(pack_jpegs(jpegs, i, SCALE))[0]) for i, (images, _, _) in enumerate(out))
+    assert all(torch.equal(images, augment(packed(jpegs, i))[0]) for i, (images, _, _) in enumerate(out))
 
 
 def test_prefetcher_raises_the_loaders_error_on_the_training_thread(jpegs):

@@ -35,7 +35,7 @@ def test_ema_warmup_forgets_the_initial_weights_then_decays_at_the_set_rate():
     assert torch.allclose(ema.module[1].running_mean, model[1].running_mean, atol=1e-3)
     assert ema.module[1].num_batches_tracked.item() == 1  # an integer buffer is copied, not averaged
     # once warmed up, one update moves the average by exactly 1 - decay of the gap
-    ema.updates = 10**6
+    ema.n_averaged.fill_(10**6)
     before = ema.module[0].weight.detach().clone()
     with torch.no_grad():
         model[0].weight.copy_(before + 1.0)
@@ -51,7 +51,7 @@ def test_ema_checkpoints_read_like_averaged_models():
     old.update_parameters(model)
     ema = WeightEMA(torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.BatchNorm1d(2)), 0.99)
     ema.load_state_dict(old.state_dict())
-    assert ema.updates == 2 and set(ema.state_dict()) == set(old.state_dict())
+    assert int(ema.n_averaged) == 2 and set(ema.state_dict()) == set(old.state_dict())
     weights = inference_weights({"ema": ema.state_dict(), "model": {}})
     assert torch.equal(weights["0.weight"], model[0].weight.detach())
 
