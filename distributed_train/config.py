@@ -34,6 +34,7 @@ class Config:
     weight_decay: float = _opt(5e-5, "weight decay (not applied to BatchNorm and biases)")
     warmup_steps: int = _opt(0, "linear warmup steps (0: about 3%% of the run, at least 1)")
     label_smoothing: float = _opt(0.1, "cross-entropy label smoothing")
+    clip_grad_norm: float = _opt(0.0, "clip the global gradient norm to this before each step (0: off; 1.0 is common)")
     ema_decay: float = _opt(0.0, "EMA of the weights (e.g. 0.999); 0 disables; evaluation uses the EMA weights")
     min_crop_scale: float = _opt(0.25, "RandomResizedCrop smallest area fraction (0.08 in ImageNet recipes)")
     # speed
@@ -74,6 +75,8 @@ class Config:
             problems.append(f"--decode {self.decode!r}: use workers or device")
         if self.on_shard_error not in ("fail", "skip"):
             problems.append(f"--on-shard-error {self.on_shard_error!r}: use fail or skip")
+        if self.clip_grad_norm < 0:
+            problems.append("--clip-grad-norm must be 0 (off) or more")
         if self.workers < -1:
             problems.append("--workers must be -1 (auto), 0 (load in the training process) or more")
         for name in ("batch_size", "accum_steps", "image_size", "log_every", "eval_every", "checkpoint_every"):

@@ -34,6 +34,10 @@ class Logger:
         if self.enabled:
             print(message, flush=True)
 
+    def error(self, message: str) -> None:
+        if self.enabled:
+            print(f"error: {message}", file=sys.stderr, flush=True)
+
     def warn(self, message: str) -> None:
         if self.enabled:
             print(f"warning: {message}", file=sys.stderr, flush=True)

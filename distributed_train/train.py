@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from distributed_train import EXIT_PREEMPTED, checkpoint, dist
+from distributed_train import EXIT_DIVERGED, EXIT_PREEMPTED, checkpoint, dist
 from distributed_train.config import Config
 from distributed_train.data import PieceReader, eval_loader, normalize, stats_tensors, train_batches_per_rank, train_loader
 from distributed_train.device_decode import DeviceAugment, DevicePrefetcher
@@ -95,6 +95,23 @@ def forward_backward(model, ddp_model, x, y, *, autocast, scaler, accum_steps: i
     return loss.detach()
 
 
+def optimizer_step(optimizer, scaler, params: list, clip_grad_norm: float) -> None:
+    """One update from the accumulated gradients, optionally clipped to a global norm first."""
+    if clip_grad_norm > 0:
+        scaler.unscale_(optimizer)  # clip the real gradients, not fp16's loss-scaled ones (a no-op otherwise)
+        torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)  # rescales on the device: no host sync
+    scaler.step(optimizer)  # with fp16, skipped when a gradient overflowed
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def tally(loss: torch.Tensor) -> torch.Tensor:
+    """[the loss if finite else 0, 1 if not finite]: summed on the device over a logging window (no host sync), so
+    one NaN does not hide the window's loss and a run whose every loss is NaN can be told apart."""
+    finite = torch.isfinite(loss)
+    return torch.stack([torch.where(finite, loss, torch.zeros_like(loss)), (~finite).to(loss.dtype)])
+
+
 def train(cfg: Config) -> int:
     ctx = dist.setup()
     try:
@@ -158,6 +175,7 @@ def _train(cfg: Config, ctx: dist.DistContext) -> int:
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     warmup = cfg.warmup_steps or max(1, round(0.03 * total_steps))
     optimizer = build_optimizer(model, cfg, lr, device)
+    params = list(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
@@ -234,7 +252,7 @@ def _train(cfg: Config, ctx: dist.DistContext) -> int:
                                      shuffle_buffer=cfg.shuffle_buffer, pin_memory=device.type == "cuda",
                                      read_piece=read_piece, decode_on_device=device_augment is not None)
         batches = DevicePrefetcher(loader, device_augment) if device_augment is not None else loader
-        loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
+        window = torch.zeros(2, device=device)  # finite losses summed, non-finite ones counted (see tally)
         window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
         fetch_start = time.perf_counter()
         for images, labels, keys in batches:
@@ -245,16 +263,14 @@ def _train(cfg: Config, ctx: dist.DistContext) -> int:
             y = labels.to(device, non_blocking=True)
             batches_done += 1
             sync_now = batches_done % cfg.accum_steps == 0
-            loss_sum += forward_backward(step_model, ddp_model if ctx.distributed else None, x, y, autocast=autocast,
-                                         scaler=scaler, accum_steps=cfg.accum_steps, sync=sync_now,
-                                         label_smoothing=cfg.label_smoothing)
+            window += tally(forward_backward(step_model, ddp_model if ctx.distributed else None, x, y,
+                                             autocast=autocast, scaler=scaler, accum_steps=cfg.accum_steps,
+                                             sync=sync_now, label_smoothing=cfg.label_smoothing))
             if not sync_now:
                 fetch_start = time.perf_counter()
                 continue
 
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(optimizer, scaler, params, cfg.clip_grad_norm)
             scheduler.step()
             if ema is not None:
                 ema.update(model)
@@ -264,17 +280,29 @@ def _train(cfg: Config, ctx: dist.DistContext) -> int:
             if step % cfg.log_every == 0 or step == total_steps:
                 elapsed = time.perf_counter() - window_start
                 images_per_s = window_steps * global_batch / elapsed
-                mean_loss = loss_sum.item() / (window_steps * cfg.accum_steps)
+                # Summed over the ranks: the logged loss is the global batch's, and every rank takes the same decision.
+                loss_total, nonfinite = dist.all_reduce_sum(window.clone()).tolist()
+                micro_batches = window_steps * cfg.accum_steps * ctx.world_size
+                if nonfinite == micro_batches:
+                    steps = f"step {step}" if window_steps == 1 else f"steps {step - window_steps + 1}-{step}"
+                    log.error(f"training diverged: the loss was NaN or inf in every micro-batch ({micro_batches}) of "
+                             f"{steps} on every rank; stopping without saving (exit code "
+                             f"{EXIT_DIVERGED}). Start again in a new --run-dir with a lower --lr, --clip-grad-norm "
+                             "1.0 or another --precision (a checkpoints/latest.pt holds the last state saved before).")
+                    exit_code = EXIT_DIVERGED
+                    break
+                mean_loss = loss_total / (micro_batches - nonfinite)
                 lr_now = scheduler.get_last_lr()[0]
                 memory = {"gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30} \
                     if device.type == "cuda" else {}
-                log.log({"kind": "train", "epoch": epoch, "loss": mean_loss, "lr": lr_now,
-                         "images_per_s": images_per_s, "data_wait": data_wait / elapsed,
+                log.log({"kind": "train", "epoch": epoch, "loss": mean_loss, "nonfinite_losses": int(nonfinite),
+                         "lr": lr_now, "images_per_s": images_per_s, "data_wait": data_wait / elapsed,
                          "shards_skipped": shards_skipped.value, **memory}, step,
                         console=f"train step {step:>6}/{total_steps}  epoch {epoch}  loss {mean_loss:.4f}  "
                                 f"lr {lr_now:.4g}  {images_per_s:,.0f} img/s  data wait {data_wait / elapsed:.0%}"
-                                + (f"  peak GPU memory {memory['gpu_mem_gb']:.1f} GiB" if memory else ""))
-                loss_sum.zero_()
+                                + (f"  peak GPU memory {memory['gpu_mem_gb']:.1f} GiB" if memory else "")
+                                + (f"  ({int(nonfinite)} NaN/inf losses left out)" if nonfinite else ""))
+                window.zero_()
                 window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
 
             if stop.should_stop():

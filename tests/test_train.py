@@ -2,6 +2,7 @@
 evaluate and predict. Small widths and images keep each run to seconds on a 2-core CPU."""
 import glob
 import json
+import math
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import torch
 from PIL import Image
 
 from conftest import CLASSES, PYTHON, class_image, python_env
-from distributed_train import EXIT_PREEMPTED
+from distributed_train import EXIT_DIVERGED, EXIT_PREEMPTED
 from wandb_records import history
 
 TINY = ["--arch", "resnet26", "--width", "0.125", "--image-size", "32", "--batch-size", "8"]
@@ -40,7 +41,7 @@ def ddp_run(uneven_shards, tmp_path_factory):
     """One 2-process run, 4 epochs, shared by the tests that only read its outputs."""
     run_dir = tmp_path_factory.mktemp("ddp") / "run"
     result = run(train_cmd(uneven_shards, run_dir, "--epochs", "4", "--workers", "2", "--log-every", "2",
-                           "--lr", "0.05", "--wandb", "offline", launcher=TORCHRUN))
+                           "--lr", "0.05", "--clip-grad-norm", "5", "--wandb", "offline", launcher=TORCHRUN))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return run_dir, result.stdout
 
@@ -209,6 +210,22 @@ def test_stop_file_makes_a_single_process_exit_with_the_requeue_code(uneven_shar
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"resuming at step {stopped_at}" in result.stdout
     assert not (run_dir / "STOP").exists()
+
+
+def test_a_diverging_run_stops_every_rank_with_its_own_exit_code(uneven_shards, tmp_path):
+    """lr 1e30 turns the weights to inf within a few steps: both ranks must agree to stop (no hang in the next
+    all-reduce), save nothing, and exit with EXIT_DIVERGED, not the requeue code."""
+    run_dir = tmp_path / "run"
+    result = run(train_cmd(uneven_shards, run_dir, "--lr", "1e30", "--max-steps", "40", "--log-every", "1",
+                           "--checkpoint-every", "1000", "--workers", "0", "--wandb", "disabled", launcher=TORCHRUN),
+                 timeout=120)
+    assert f"exitcode  : {EXIT_DIVERGED}" in result.stderr or f"exitcode: {EXIT_DIVERGED}" in result.stderr, \
+        result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.stderr.count("error: training diverged") == 1, "reported once, by rank 0"
+    assert 'distributed_train/' not in result.stderr.split("ChildFailedError")[0], "no traceback from a rank"
+    logged = records(run_dir, "train")
+    assert 1 <= len(logged) < 40 and all(math.isfinite(r["loss"]) for r in logged)
+    assert not (run_dir / "checkpoints" / "latest.pt").exists()
 
 
 def test_bad_data_location_is_a_one_line_error(tmp_path):

@@ -1,4 +1,5 @@
-"""Pieces of the training loop that are easy to get subtly wrong: schedule, EMA warmup, weight-decay groups."""
+"""Pieces of the training loop that are easy to get subtly wrong: schedule, EMA warmup, weight-decay groups,
+gradient clipping under fp16 loss scaling, the NaN tally."""
 import math
 
 import pytest
@@ -9,7 +10,8 @@ from distributed_train.config import Config, parse_args
 from distributed_train.model import build_model
 from distributed_train.checkpoint import inference_weights
 from distributed_train.ema import WeightEMA
-from distributed_train.train import auto_workers, build_optimizer, cpu_has_bf16, resolve_precision, warmup_cosine
+from distributed_train.train import (auto_workers, build_optimizer, cpu_has_bf16, optimizer_step, resolve_precision,
+                                    tally, warmup_cosine)
 
 
 def test_warmup_then_cosine_to_zero():
@@ -88,3 +90,42 @@ def test_auto_workers_share_the_cores_between_the_gpus_of_a_node():
     assert auto_workers(gpu, cores=64, local_ranks=8) == 7  # one core per GPU left for its training loop
     assert auto_workers(gpu, cores=8, local_ranks=8) == 1  # never 0: that would decode on the training thread
     assert auto_workers(torch.device("cpu"), cores=2, local_ranks=1) == 4
+
+
+@pytest.mark.parametrize("loss_scale", [None, 1024.0], ids=["no-scaler", "fp16-scaler"])
+@pytest.mark.parametrize("clip", [0.0, 0.5])
+def test_optimizer_step_clips_the_real_gradient_norm(clip, loss_scale):
+    """Plain SGD with lr 1 moves the weights by exactly -grad: the move is the (clipped) unscaled gradient."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    params = list(model.parameters())
+    optimizer = torch.optim.SGD(params, lr=1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=loss_scale or 1.0, enabled=loss_scale is not None)
+    before = torch.cat([p.detach().flatten() for p in params])
+    scaler.scale(10 * model(torch.randn(8, 4)).square().mean()).backward()
+    gradient = torch.cat([p.grad.flatten() for p in params]) / (loss_scale or 1.0)
+    assert gradient.norm() > 4 * 0.5, "the test needs a gradient that clipping changes"
+
+    optimizer_step(optimizer, scaler, params, clip_grad_norm=clip)
+
+    moved = before - torch.cat([p.detach().flatten() for p in params])
+    expected = gradient * (clip / gradient.norm() if clip else 1.0)
+    torch.testing.assert_close(moved, expected, rtol=1e-4, atol=1e-6)
+    assert all(p.grad is None for p in params), "gradients are cleared for the next step"
+
+
+def test_optimizer_step_skips_an_fp16_overflow_even_when_clipping():
+    model = torch.nn.Linear(2, 1)
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    scaler.scale(model(torch.ones(1, 2)).sum()).backward()
+    params[0].grad[0, 0] = float("inf")
+    optimizer_step(torch.optim.SGD(params, lr=1.0), scaler, params, clip_grad_norm=1.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, params)), "an overflowed step must not move the weights"
+    assert scaler.get_scale() < 2.0**16
+
+
+def test_tally_sums_finite_losses_and_counts_the_others():
+    total = sum(tally(torch.tensor(x)) for x in [1.5, float("nan"), 2.0, float("inf")])
+    assert total.tolist() == [3.5, 2.0]
