@@ -133,7 +133,7 @@ def _train(cfg: Config, ctx: dist.DistContext) -> int:
     latest = checkpoint.latest_path(run_dir)
     state = checkpoint.load(latest) if latest else None
     if state is not None:
-        check_compatible(state["meta"], cfg, manifest)
+        check_compatible(state, cfg, manifest)
     stop_file = os.path.join(run_dir, "STOP")
     if ctx.is_main:
         os.makedirs(run_dir, exist_ok=True)
@@ -184,7 +184,8 @@ def _train(cfg: Config, ctx: dist.DistContext) -> int:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when saved without fp16: switching to fp16 starts a fresh loss scale
+            scaler.load_state_dict(state["scaler"])
         if ema is not None and state.get("ema"):
             ema.load_state_dict(state["ema"])
         checkpoint.restore_rng(state["rng"])
@@ -194,6 +195,10 @@ def _train(cfg: Config, ctx: dist.DistContext) -> int:
     ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if ctx.distributed else model
     step_model = torch.compile(ddp_model) if cfg.compile else ddp_model
     log = Logger(run_dir, ctx.is_main, cfg.wandb, cfg.wandb_project, wandb_id, public_config)
+    unapplied = unapplied_on_resume(state, lr, cfg.weight_decay) if state is not None else []
+    if unapplied:
+        log.warn("resuming restores the optimizer and schedule from the checkpoint, so these settings are not used: "
+                 + "; ".join(unapplied) + ". Start a new --run-dir to train with them.")
     mean, std = stats_tensors(manifest.stats.mean, manifest.stats.std, device)
     shards_skipped = multiprocessing.Value("i", 0)  # counted in the DataLoader workers, logged here
     read_piece = PieceReader(cfg.on_shard_error, shard_digests(manifest, cfg.data) if cfg.verify_shards else None,
@@ -234,7 +239,7 @@ def _train(cfg: Config, ctx: dist.DistContext) -> int:
         return is_best
 
     log.info(f"{'resuming at step ' + str(step) if state else 'starting'}: {cfg.arch} x{cfg.width} on "
-             f"{ctx.world_size} x {device.type}, {precision}, global batch {global_batch}, lr {lr:.4g}, "
+             f"{ctx.world_size} x {device.type}, {precision}, global batch {global_batch}, lr {scheduler.base_lrs[0]:.4g}, "
              f"{cfg.workers} loader workers per rank ({cfg.decode} decode), "
              f"{steps_per_epoch} steps/epoch, {total_steps} steps")
 
@@ -358,10 +363,26 @@ def shard_digests(manifest: Manifest, location: str) -> dict[str, str]:
             zip(manifest.shard_urls(location, split), manifest.split(split).shards)}
 
 
-def check_compatible(meta: dict, cfg: Config, manifest: Manifest) -> None:
-    """Resuming with another model or dataset would silently load the wrong weights: refuse with the reason."""
-    mismatches = [f"{k}: checkpoint {meta[k]!r} vs now {v!r}" for k, v in
-                  (("arch", cfg.arch), ("width", cfg.width), ("classes", manifest.classes)) if meta[k] != v]
+def unapplied_on_resume(state: dict, lr: float, weight_decay: float) -> list[str]:
+    """Settings given now that a resumed run does not use: the optimizer and schedule come back from the checkpoint
+    (as in torchvision's reference scripts and Lightning), with their peak lr and weight decay."""
+    notes = []
+    saved_lr = state["scheduler"]["base_lrs"][0]
+    saved_decay = state["optimizer"]["param_groups"][0]["weight_decay"]
+    if not math.isclose(saved_lr, lr, rel_tol=1e-9):
+        notes.append(f"peak lr {lr:.4g} (the checkpoint's: {saved_lr:.4g})")
+    if not math.isclose(saved_decay, weight_decay, rel_tol=1e-9):
+        notes.append(f"--weight-decay {weight_decay:g} (the checkpoint's: {saved_decay:g})")
+    return notes
+
+
+def check_compatible(state: dict, cfg: Config, manifest: Manifest) -> None:
+    """Resuming with another model or dataset would silently load the wrong weights, and another optimizer cannot
+    take over the saved one's state: refuse with the reason."""
+    saved = {**state["meta"], "optimizer": state.get("config", {}).get("optimizer", cfg.optimizer)}
+    mismatches = [f"{k}: checkpoint {saved[k]!r} vs now {v!r}" for k, v in
+                  (("arch", cfg.arch), ("width", cfg.width), ("classes", manifest.classes),
+                   ("optimizer", cfg.optimizer)) if saved[k] != v]
     if mismatches:
         raise SystemExit(f"{cfg.run_dir} holds a run that cannot be resumed with these settings ("
                          + "; ".join(mismatches) + "): use another --run-dir")

@@ -228,6 +228,26 @@ def test_a_diverging_run_stops_every_rank_with_its_own_exit_code(uneven_shards, 
     assert not (run_dir / "checkpoints" / "latest.pt").exists()
 
 
+def test_resuming_with_other_settings_refuses_warns_or_adapts(uneven_shards, tmp_path):
+    """Another optimizer cannot take over the saved state (refused in one line); bf16 -> fp16 starts a fresh loss
+    scale; a new --lr is not applied to a restored schedule, and the run says so."""
+    run_dir = tmp_path / "run"
+    common = ["--workers", "0", "--wandb", "disabled"]
+    assert run(train_cmd(uneven_shards, run_dir, "--max-steps", "2", "--precision", "bf16", *common)).returncode == 0
+
+    other_optimizer = run(train_cmd(uneven_shards, run_dir, "--max-steps", "4", "--optimizer", "adamw", *common))
+    assert other_optimizer.returncode != 0
+    assert "optimizer: checkpoint 'sgd' vs now 'adamw'" in other_optimizer.stderr
+    assert "Traceback" not in other_optimizer.stderr
+
+    resumed = run(train_cmd(uneven_shards, run_dir, "--max-steps", "4", "--precision", "fp16", "--lr", "0.3", *common))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming at step 2" in resumed.stdout and "fp16" in resumed.stdout
+    assert "settings are not used: peak lr 0.3 (the checkpoint's: 0.003125)" in resumed.stderr
+    assert "lr 0.003125" in resumed.stdout, "the start line names the lr actually used"
+    assert torch.load(run_dir / "checkpoints/latest.pt", weights_only=True)["scaler"], "fp16 saved its loss scale"
+
+
 def test_bad_data_location_is_a_one_line_error(tmp_path):
     result = run(train_cmd(tmp_path / "nowhere", tmp_path / "run", "--wandb", "disabled"))
     assert result.returncode == 2
