@@ -57,8 +57,10 @@ def load(path: str, map_location="cpu") -> dict:
         return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise SystemExit(f"no checkpoint at {path}") from None
-    except Exception as e:  # a truncated or foreign file: say which and why
-        raise SystemExit(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from None
+    except Exception as e:  # a truncated or foreign file: say which and why, in one line (torch's run to ten)
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise SystemExit(f"cannot load checkpoint {path} (not a complete PyTorch weights file?): "
+                         f"{type(e).__name__}: {reason}") from None
 
 
 def latest_path(run_dir: str) -> str | None:

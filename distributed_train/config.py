@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 
 
@@ -23,7 +24,8 @@ class Config:
     arch: str = _opt("resnet50", "resnet26 | resnet50 | resnet101 | resnet152")
     width: float = _opt(1.0, "channel width multiplier (e.g. 0.25 for CPU runs)")
     image_size: int = _opt(224, "training / evaluation crop size in pixels")
-    init_from: str = _opt("", "torchvision-format state_dict (.pth) to start from (fc skipped if classes differ)")
+    init_from: str = _opt("", "torchvision-format state_dict (.pth) or a checkpoint of this trainer to start from "
+                              "(fc skipped if classes differ)")
     # schedule
     epochs: int = _opt(10, "number of epochs (ignored when --max-steps is set)")
     max_steps: int = _opt(0, "stop after this many optimizer steps in total (0: use --epochs)")
@@ -77,6 +79,25 @@ class Config:
             problems.append(f"--on-shard-error {self.on_shard_error!r}: use fail or skip")
         if self.clip_grad_norm < 0:
             problems.append("--clip-grad-norm must be 0 (off) or more")
+        from distributed_train.model import ARCHS  # here, not at the top: `--help` must not wait for torch
+
+        if self.arch not in ARCHS:
+            problems.append(f"--arch {self.arch!r}: use one of {', '.join(ARCHS)}")
+        if self.width <= 0:
+            problems.append("--width must be positive")
+        if not 0 < self.min_crop_scale <= 1:
+            problems.append("--min-crop-scale must be in (0, 1]")
+        if not 0 <= self.label_smoothing < 1:
+            problems.append("--label-smoothing must be in [0, 1)")
+        if not 0 <= self.ema_decay < 1:
+            problems.append("--ema-decay must be in [0, 1) (0: off)")
+        for name in ("lr", "weight_decay", "warmup_steps", "max_steps", "keep_checkpoints", "shuffle_buffer"):
+            if getattr(self, name) < 0:
+                problems.append(f"--{name.replace('_', '-')} must not be negative")
+        if self.init_from and not os.path.isfile(self.init_from):
+            problems.append(f"--init-from {self.init_from}: no such file")
+        if os.path.exists(self.run_dir) and not os.path.isdir(self.run_dir):
+            problems.append(f"--run-dir {self.run_dir} exists and is not a folder")
         if self.workers < -1:
             problems.append("--workers must be -1 (auto), 0 (load in the training process) or more")
         for name in ("batch_size", "accum_steps", "image_size", "log_every", "eval_every", "checkpoint_every"):

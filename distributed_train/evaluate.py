@@ -89,6 +89,7 @@ def main(argv=None) -> int:
         model, info = model_from_checkpoint(ckpt, ctx.device)
         try:
             manifest = Manifest.read(args.data)
+            manifest.split(args.split)  # a split the dataset lacks is named here, not deep in the loader
         except ManifestError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

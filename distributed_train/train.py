@@ -160,8 +160,7 @@ def _train(cfg: Config, ctx: dist.DistContext) -> int:
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     model = build_model(cfg.arch, manifest.num_classes, width=cfg.width, zero_init_residual=True)
     if cfg.init_from and state is None:
-        load_torchvision_state_dict(model, torch.load(cfg.init_from, map_location="cpu", weights_only=True),
-                                    strict=False)
+        load_init_weights(model, cfg.init_from)
     if cfg.sync_bn and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device, memory_format=memory_format)
@@ -374,6 +373,17 @@ def unapplied_on_resume(state: dict, lr: float, weight_decay: float) -> list[str
     if not math.isclose(saved_decay, weight_decay, rel_tol=1e-9):
         notes.append(f"--weight-decay {weight_decay:g} (the checkpoint's: {saved_decay:g})")
     return notes
+
+
+def load_init_weights(model: torch.nn.Module, path: str) -> None:
+    """--init-from: a torchvision-format state_dict, or a checkpoint of this trainer (its EMA weights if it kept them)."""
+    weights = checkpoint.load(path)  # a missing or foreign file is a one-line error naming it
+    if isinstance(weights.get("model"), dict):
+        weights = checkpoint.inference_weights(weights)
+    try:
+        load_torchvision_state_dict(model, weights, strict=False)
+    except ValueError as e:
+        raise SystemExit(f"--init-from {path}: {e}") from None
 
 
 def check_compatible(state: dict, cfg: Config, manifest: Manifest) -> None:

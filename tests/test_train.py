@@ -97,6 +97,10 @@ def test_evaluate_cli_counts_every_sample(ddp_run, uneven_shards):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["count"] == 31 and report["top1"] >= 0.9
+    missing_split = run([PYTHON, "-m", "distributed_train.evaluate", "--checkpoint", str(run_dir / "checkpoints/best.pt"),
+                         "--data", str(uneven_shards), "--split", "test", "--workers", "0"])
+    assert missing_split.returncode == 2 and "Traceback" not in missing_split.stderr
+    assert "no 'test' split (it has: train, val)" in missing_split.stderr
 
 
 def test_predict_names_the_right_class_and_rejects_non_images(ddp_run, tmp_path):

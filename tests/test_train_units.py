@@ -10,8 +10,8 @@ from distributed_train.config import Config, parse_args
 from distributed_train.model import build_model
 from distributed_train.checkpoint import inference_weights
 from distributed_train.ema import WeightEMA
-from distributed_train.train import (auto_workers, build_optimizer, cpu_has_bf16, optimizer_step, resolve_precision,
-                                    tally, warmup_cosine)
+from distributed_train.train import (auto_workers, build_optimizer, cpu_has_bf16, load_init_weights, optimizer_step,
+                                    resolve_precision, tally, warmup_cosine)
 
 
 def test_warmup_then_cosine_to_zero():
@@ -82,6 +82,46 @@ def test_command_line_errors_are_one_line(capsys):
     message = str(e.value)
     assert "--precision 'fp8'" in message and "--batch-size must be at least 1" in message
     assert "--workers must be -1 (auto)" in message and "--decode 'gpu': use workers or device" in message
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--arch", "resnet18"], "--arch 'resnet18': use one of resnet26, resnet50, resnet101, resnet152"),
+    (["--width", "0"], "--width must be positive"),
+    (["--min-crop-scale", "1.5"], "--min-crop-scale must be in (0, 1]"),
+    (["--label-smoothing", "1"], "--label-smoothing must be in [0, 1)"),
+    (["--ema-decay", "1.5"], "--ema-decay must be in [0, 1) (0: off)"),
+    (["--clip-grad-norm", "-1"], "--clip-grad-norm must be 0 (off) or more"),
+    (["--lr", "-0.1"], "--lr must not be negative"),
+    (["--init-from", "no/such/weights.pth"], "--init-from no/such/weights.pth: no such file"),
+], ids=lambda v: v[0] if isinstance(v, list) else None)
+def test_out_of_range_settings_are_named_before_anything_runs(flags, expected):
+    """Each of these used to end in a traceback from deep inside torch or the model, after start-up."""
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--data", "d", "--run-dir", "r", *flags])
+    assert expected in str(e.value)
+
+
+def test_run_dir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "run").write_text("")
+    with pytest.raises(SystemExit, match="exists and is not a folder"):
+        parse_args(["--data", "d", "--run-dir", str(tmp_path / "run")])
+
+
+def test_init_from_takes_torchvision_weights_or_own_checkpoints_and_names_a_bad_file(tmp_path):
+    torch.manual_seed(0)
+    source = build_model("resnet26", 3, width=0.125)
+    torch.save(source.state_dict(), tmp_path / "plain.pth")
+    torch.save({"model": {k: torch.zeros_like(v) for k, v in source.state_dict().items()},
+                "ema": {"module." + k: v for k, v in source.state_dict().items()}}, tmp_path / "run.pt")
+    for name in ("plain.pth", "run.pt"):  # the checkpoint's EMA weights, not its zeroed raw ones
+        target = build_model("resnet26", 3, width=0.125)
+        load_init_weights(target, str(tmp_path / name))
+        assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values()))
+    (tmp_path / "junk.pth").write_bytes(b"not weights")
+    with pytest.raises(SystemExit, match=r"cannot load checkpoint .*junk.pth"):
+        load_init_weights(build_model("resnet26", 3, width=0.125), str(tmp_path / "junk.pth"))
+    with pytest.raises(SystemExit, match=r"--init-from .*plain.pth: .*check the arch name and width"):
+        load_init_weights(build_model("resnet26", 3, width=0.25), str(tmp_path / "plain.pth"))
 
 
 def test_auto_workers_share_the_cores_between_the_gpus_of_a_node():
