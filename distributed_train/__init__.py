@@ -5,5 +5,6 @@
 EXIT_PREEMPTED = 75
 
 # Exit code of a run whose training loss was not finite (NaN/inf) in every micro-batch of a logging window on every
-# rank: the weights are lost, so it stops without saving (latest.pt keeps the last good state) and is not requeued.
+# rank: training cannot recover, so it stops without saving (latest.pt keeps the last good state) and is not
+# requeued.
 EXIT_DIVERGED = 4

@@ -238,8 +238,8 @@ def _train(cfg: Config, ctx: dist.DistContext) -> int:
         return is_best
 
     log.info(f"{'resuming at step ' + str(step) if state else 'starting'}: {cfg.arch} x{cfg.width} on "
-             f"{ctx.world_size} x {device.type}, {precision}, global batch {global_batch}, lr {scheduler.base_lrs[0]:.4g}, "
-             f"{cfg.workers} loader workers per rank ({cfg.decode} decode), "
+             f"{ctx.world_size} x {device.type}, {precision}, global batch {global_batch}, "
+             f"lr {scheduler.base_lrs[0]:.4g}, {cfg.workers} loader workers per rank ({cfg.decode} decode), "
              f"{steps_per_epoch} steps/epoch, {total_steps} steps")
 
     # ---- the loop -----------------------------------------------------------------------------------------------
@@ -290,9 +290,9 @@ def _train(cfg: Config, ctx: dist.DistContext) -> int:
                 if nonfinite == micro_batches:
                     steps = f"step {step}" if window_steps == 1 else f"steps {step - window_steps + 1}-{step}"
                     log.error(f"training diverged: the loss was NaN or inf in every micro-batch ({micro_batches}) of "
-                             f"{steps} on every rank; stopping without saving (exit code "
-                             f"{EXIT_DIVERGED}). Start again in a new --run-dir with a lower --lr, --clip-grad-norm "
-                             "1.0 or another --precision (a checkpoints/latest.pt holds the last state saved before).")
+                              f"{steps} on every rank; stopping without saving (exit code {EXIT_DIVERGED}). Start "
+                              "again in a new --run-dir with a lower --lr, --clip-grad-norm 1.0 or another "
+                              "--precision (a checkpoints/latest.pt holds the last state saved before).")
                     exit_code = EXIT_DIVERGED
                     break
                 mean_loss = loss_total / (micro_batches - nonfinite)
@@ -376,8 +376,10 @@ def unapplied_on_resume(state: dict, lr: float, weight_decay: float) -> list[str
 
 
 def load_init_weights(model: torch.nn.Module, path: str) -> None:
-    """--init-from: a torchvision-format state_dict, or a checkpoint of this trainer (its EMA weights if it kept them)."""
+    """--init-from: a torchvision-format state_dict, or this trainer's checkpoint (its EMA weights if it kept them)."""
     weights = checkpoint.load(path)  # a missing or foreign file is a one-line error naming it
+    if not isinstance(weights, dict):
+        raise SystemExit(f"--init-from {path}: holds a {type(weights).__name__}, not a state_dict of weights")
     if isinstance(weights.get("model"), dict):
         weights = checkpoint.inference_weights(weights)
     try:
