@@ -1,9 +1,10 @@
 """The labels CSV -> rows to write (id, label, image path) or rows skipped with a reason, and the class order.
 
-Layout (the seed's): a header line, then one row per image; the first column is the image id, the second its label,
-unless `id_column` / `label_column` name others. Ids are read as strings (so `00042` stays `00042`), and resolve to
-`IMAGES/<id>` when the id already has an extension, else `IMAGES/<id>.jpg` (or .jpeg/.png/.webp/.JPG/...). Ids may
-contain a sub-path inside IMAGES, but never leave it.
+Layout (the seed's): a header line (optional: a first line whose id names an image is read as data), then one row
+per image; the first column is the image id, the second its label, unless `id_column` / `label_column` name others.
+Ids are read as strings (so `00042` stays `00042`), and resolve to `IMAGES/<id>` when the id already has an
+extension, else `IMAGES/<id>.jpg` (or .jpeg/.png/.webp/.JPG/...). Ids may contain a sub-path inside IMAGES, but
+never leave it.
 
 Class order: the distinct labels sorted by name -- or by numeric value when every label is an integer, so a dataset
 labelled 0..K-1 keeps its own meaning for each index (class "10" comes after "9", not after "1").
@@ -11,6 +12,7 @@ labelled 0..K-1 keeps its own meaning for each index (class "10" comes after "9"
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import pandas as pd
@@ -37,12 +39,20 @@ class Skipped:
     reason: str
 
 
-def read_labels(csv_path: str, id_column: str | None = None, label_column: str | None = None) -> pd.DataFrame:
-    """Two string columns `id`, `label`, indexed by CSV data row."""
+def read_labels(csv_path: str, id_column: str | None = None, label_column: str | None = None,
+                images: "ImageFinder | None" = None) -> pd.DataFrame:
+    """Two string columns `id`, `label`, indexed by CSV data row. With `images`, a CSV whose first line is already
+    data (its first cell names an image there: `pandas.to_csv(header=False)` writes such files) is read without a
+    header, so that row is not lost, and a note says so."""
     if not os.path.isfile(csv_path):
         raise LabelsError(f"labels CSV not found: {csv_path}")
     try:
         df = pd.read_csv(csv_path, dtype=str, keep_default_na=False, skipinitialspace=True)
+        first = str(df.columns[0]).strip() if len(df.columns) else ""
+        if images is not None and id_column is None and label_column is None and images.find(first)[0]:
+            print(f"note: {csv_path} has no header line (its first cell, '{first}', is an image in "
+                  f"{images.images_dir}): every line is read as a row", file=sys.stderr)
+            df = pd.read_csv(csv_path, dtype=str, keep_default_na=False, skipinitialspace=True, header=None)
     except pd.errors.EmptyDataError:
         raise LabelsError(f"{csv_path} is empty: expected a header line (e.g. 'id,label') and one row per image") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
@@ -120,8 +130,9 @@ def load_rows(images_dir: str, csv_path: str, id_column: str | None = None, labe
     """-> (rows, skipped, total_rows): every CSV row is in exactly one of `rows` and `skipped`."""
     if not os.path.isdir(images_dir):
         raise LabelsError(f"images folder not found: {images_dir}")
-    df = read_labels(csv_path, id_column, label_column)
-    rows, skipped, seen, finder = [], [], {}, ImageFinder(images_dir)
+    finder = ImageFinder(images_dir)
+    df = read_labels(csv_path, id_column, label_column, images=finder)
+    rows, skipped, seen = [], [], {}
     for i, (image_id, label) in enumerate(zip(df["id"], df["label"])):
         if image_id in seen:
             skipped.append(Skipped(i, image_id, f"duplicate id (first seen in row {seen[image_id]})"))

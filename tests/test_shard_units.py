@@ -29,6 +29,21 @@ def test_ids_stay_strings_and_resolve_with_or_without_extension(tmp_path):
     assert [r.path.split("images/")[1] for r in rows] == ["00042.jpg", "photo.png", "sub/deep.jpeg", "upper.JPG"]
 
 
+def test_a_csv_without_header_keeps_its_first_row(tmp_path, capsys):
+    """pandas' to_csv(header=False) writes no header: its first line must not be swallowed as one."""
+    images = tmp_path / "images"
+    for name in ("00001", "00002", "00003"):
+        solid(images / f"{name}.jpg", (1, 2, 3))
+    (tmp_path / "l.csv").write_text("00001,0\n00002,1\n00003,0\n")
+    rows, skipped, total = load_rows(str(images), str(tmp_path / "l.csv"))
+    assert [(r.row, r.id, r.label) for r in rows] == [(0, "00001", "0"), (1, "00002", "1"), (2, "00003", "0")]
+    assert total == 3 and skipped == []
+    assert "has no header line (its first cell, '00001', is an image" in capsys.readouterr().err
+    (tmp_path / "h.csv").write_text("id,label\n00001,0\n")  # a real header stays a header, silently
+    assert [r.id for r in load_rows(str(images), str(tmp_path / "h.csv"))[0]] == ["00001"]
+    assert capsys.readouterr().err == ""
+
+
 def test_every_bad_row_is_skipped_with_a_reason(tmp_path):
     images = tmp_path / "images"
     solid(images / "a.jpg", (1, 2, 3))
