@@ -3,7 +3,7 @@ import sys
 
 from distributed_train.config import parse_args
 from shard_tools.manifest import ManifestError
-from shard_tools.remote import ShardReadError
+from shard_tools.remote import ShardReadError, error_line
 
 
 def main(argv=None) -> int:
@@ -16,8 +16,7 @@ def main(argv=None) -> int:
         print(f"distributed_train: {e}", file=sys.stderr)
         return 2
     except ShardReadError as e:
-        # Raised in a DataLoader worker, the message carries the worker's traceback: its last line is the reason.
-        print(f"distributed_train: error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
+        print(f"distributed_train: error: {error_line(e)}", file=sys.stderr)
         return 3
 
 

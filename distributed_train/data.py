@@ -184,9 +184,19 @@ class SlotStream(IterableDataset):
                 images = pack_jpegs([s["jpg"] for s in raw], self.preprocess.crop_scale)
             else:
                 # default_collate stacks straight into shared memory inside a worker: no extra copy to send the batch
-                images = default_collate([self.preprocess(s["jpg"]) for s in raw])
+                images = default_collate([self.decode(s) for s in raw])
         labels = torch.tensor([int(s["cls"]) for s in raw], dtype=torch.long)
         return images, labels, [s["__key__"] for s in raw]
+
+
+    def decode(self, sample: dict) -> torch.Tensor:
+        try:
+            return self.preprocess(sample["jpg"])
+        except RuntimeError as e:  # torchvision's decoder on corrupt or truncated JPEG data
+            reason = (str(e).strip().splitlines() or [""])[-1].split(", ")[-1]
+            raise ShardReadError(f"sample {sample['__key__']} of {redact(sample.get('__url__', '?'))} cannot be "
+                                 f"decoded ({reason}): the shard is damaged; `python -m shard_tools verify DATA` "
+                                 "checks every shard, then rebuild or re-upload it") from None
 
 
 def hash_seed(parts: tuple) -> int:

@@ -72,6 +72,7 @@ def main(argv=None) -> int:
     from distributed_train.checkpoint import load
     from distributed_train.checkpoint import model_from_checkpoint
     from shard_tools.manifest import Manifest, ManifestError
+    from shard_tools.remote import ShardReadError, error_line
 
     p = argparse.ArgumentParser(prog="python -m distributed_train.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True)
@@ -100,7 +101,11 @@ def main(argv=None) -> int:
         mean, std = stats_tensors(info["mean"], info["std"], ctx.device)  # the stats the model was trained with
         loader = eval_loader(manifest, args.data, args.split, rank=ctx.rank, world_size=ctx.world_size,
                              batch_size=args.batch_size, image_size=info["image_size"], workers=args.workers)
-        result = evaluate(model, loader, manifest.num_classes, ctx.device, mean, std)
+        try:
+            result = evaluate(model, loader, manifest.num_classes, ctx.device, mean, std)
+        except ShardReadError as e:
+            print(f"error: {error_line(e)}", file=sys.stderr)
+            return 3
         if ctx.is_main:
             if args.confusion_png:
                 from distributed_train.plots import plot_confusion_matrix

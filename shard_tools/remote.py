@@ -46,6 +46,12 @@ class ShardReadError(OSError):
     """A shard could not be read completely (after all retries, when raised by iter_shard_samples)."""
 
 
+def error_line(e: BaseException) -> str:
+    """The reason of a ShardReadError in one line. Raised in a DataLoader worker, its message carries the worker's
+    traceback: the reason is the last line, after the exception's qualified name."""
+    return re.sub(r"^[\w.]+Error: ", "", str(e).strip().splitlines()[-1])
+
+
 class ShardIntegrityError(ShardReadError):
     """A shard's bytes do not match the sha256 recorded in the manifest."""
 

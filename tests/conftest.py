@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +74,21 @@ def uneven_shards(tmp_path_factory) -> Path:
     """3 classes, train shards of very different sizes (one empty), val not divisible by ranks x workers."""
     out = tmp_path_factory.mktemp("uneven")
     write_dataset(out, {"train": [37, 5, 0, 61, 13, 28], "val": [11, 20]})
+    return out
+
+
+@pytest.fixture(scope="session")
+def damaged_shards(uneven_shards, tmp_path_factory) -> Path:
+    """uneven_shards with the JPEG bytes of one training and one validation sample zeroed in place (same sizes, so
+    the tar still reads; only the manifest's sha256 and decoding notice)."""
+    out = tmp_path_factory.mktemp("damaged") / "shards"
+    shutil.copytree(uneven_shards, out)
+    for name, index in (("train-000000.tar", 3), ("val-000001.tar", 0)):
+        data = bytearray((out / name).read_bytes())
+        with tarfile.open(out / name) as tar:
+            member = [m for m in tar.getmembers() if m.name.endswith(".jpg")][index]
+        data[member.offset_data + 2:member.offset_data + member.size] = bytes(member.size - 2)
+        (out / name).write_bytes(data)
     return out
 
 

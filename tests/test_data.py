@@ -3,6 +3,7 @@
 Ranks are simulated in one process by building each rank's loader (with real DataLoader worker processes), which is
 exactly what each torchrun process does; the multi-process runs are in test_train.py.
 """
+import re
 from collections import Counter
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from distributed_train.data import (Piece, batches_before, cut_ranges, eval_loader, even_split,
                                     train_batches_per_rank, train_loader)
 from shard_tools.manifest import Manifest
+from shard_tools.remote import ShardReadError, error_line
 
 
 def epoch_keys(manifest, location, world_size, workers, batch_size=4, epoch=0, skip=0, image_size=24):
@@ -102,3 +104,18 @@ def test_round_robin_bookkeeping():
     # the DataLoader takes batch i from worker i % W: after 7 batches with 3 workers, they made 3, 2, 2
     assert [batches_before(7, w, 3) for w in range(3)] == [3, 2, 2]
     assert even_split(7, 3) == [3, 2, 2]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_undecodable_sample_is_named_with_its_shard(damaged_shards, workers):
+    """Bit rot inside a shard: training and evaluation stop with the sample's key, the shard and what to run."""
+    manifest = Manifest.read(str(damaged_shards))
+    train, _ = train_loader(manifest, str(damaged_shards), rank=0, world_size=1, batch_size=4, accum_steps=1,
+                            image_size=24, workers=workers, seed=0, epoch=0)
+    val = eval_loader(manifest, str(damaged_shards), "val", rank=0, world_size=1, batch_size=4, image_size=24,
+                      workers=workers)
+    for loader, where in ((train, "000000003 of .*train-000000.tar"), (val, "000000155 of .*val-000001.tar")):
+        with pytest.raises(ShardReadError) as e:
+            list(loader)
+        assert re.search(f"sample {where} cannot be decoded", error_line(e.value)), error_line(e.value)
+        assert "shard_tools verify" in error_line(e.value)

@@ -90,7 +90,7 @@ def test_wandb_offline_run_holds_the_logged_metrics(ddp_run):
     assert any(any(k.startswith("val/acc_") for k in r) for r in rows), "per-class accuracy not logged"
 
 
-def test_evaluate_cli_counts_every_sample(ddp_run, uneven_shards):
+def test_evaluate_cli_counts_every_sample_and_names_bad_input(ddp_run, uneven_shards, damaged_shards):
     run_dir, _ = ddp_run
     result = run([PYTHON, "-m", "distributed_train.evaluate", "--checkpoint", str(run_dir / "checkpoints/best.pt"),
                   "--data", str(uneven_shards), "--json", "--workers", "0"])
@@ -101,6 +101,10 @@ def test_evaluate_cli_counts_every_sample(ddp_run, uneven_shards):
                          "--data", str(uneven_shards), "--split", "test", "--workers", "0"])
     assert missing_split.returncode == 2 and "Traceback" not in missing_split.stderr
     assert "no 'test' split (it has: train, val)" in missing_split.stderr
+    damaged = run([PYTHON, "-m", "distributed_train.evaluate", "--checkpoint", str(run_dir / "checkpoints/best.pt"),
+                   "--data", str(damaged_shards), "--workers", "1"])
+    assert damaged.returncode == 3 and "Traceback" not in damaged.stderr
+    assert damaged.stderr.startswith("error: sample 000000155 of ") and "val-000001.tar cannot be decoded" in damaged.stderr
 
 
 def test_predict_names_the_right_class_and_rejects_non_images(ddp_run, tmp_path):
