@@ -27,9 +27,9 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
-from distributed_train.device_decode import pack_jpegs
+from distributed_train.device_decode import UnreadableJPEG, pack_jpegs
 from shard_tools.manifest import Manifest
-from shard_tools.remote import ShardReadError, iter_shard_samples, redact
+from shard_tools.remote import ShardReadError, damaged_sample, iter_shard_samples, redact
 
 # torchvision 0.29 deprecates torchvision.io's decoders in favour of TorchCodec, which is not a dependency here.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities", category=DeprecationWarning)
@@ -181,7 +181,11 @@ class SlotStream(IterableDataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hash_seed(seed))
             if self.encoded:  # --decode device: crops drawn here, decoded on the GPU
-                images = pack_jpegs([s["jpg"] for s in raw], self.preprocess.crop_scale)
+                try:
+                    images = pack_jpegs([s["jpg"] for s in raw], self.preprocess.crop_scale)
+                except UnreadableJPEG as e:
+                    bad = raw[e.index]
+                    raise damaged_sample(bad["__key__"], bad.get("__url__"), e.error) from None
             else:
                 # default_collate stacks straight into shared memory inside a worker: no extra copy to send the batch
                 images = default_collate([self.decode(s) for s in raw])
@@ -193,10 +197,7 @@ class SlotStream(IterableDataset):
         try:
             return self.preprocess(sample["jpg"])
         except RuntimeError as e:  # torchvision's decoder on corrupt or truncated JPEG data
-            reason = (str(e).strip().splitlines() or [""])[-1].split(", ")[-1]
-            raise ShardReadError(f"sample {sample['__key__']} of {redact(sample.get('__url__', '?'))} cannot be "
-                                 f"decoded ({reason}): the shard is damaged; `python -m shard_tools verify DATA` "
-                                 "checks every shard, then rebuild or re-upload it") from None
+            raise damaged_sample(sample["__key__"], sample.get("__url__"), e) from None
 
 
 def hash_seed(parts: tuple) -> int:

@@ -26,6 +26,8 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from shard_tools.remote import damaged_sample
+
 ASPECT_RATIOS = (3 / 4, 4 / 3)  # RandomResizedCrop's default, as in the workers' path
 
 
@@ -40,12 +42,24 @@ class EncodedBatch(NamedTuple):
     flips: torch.Tensor  # (N,) bool
 
 
+class UnreadableJPEG(Exception):
+    """The `index`-th JPEG of a batch cannot be read; the caller knows which sample that is."""
+
+    def __init__(self, index: int, error: BaseException):
+        super().__init__(index, error)
+        self.index, self.error = index, error
+
+
 def pack_jpegs(jpegs: list[bytes], crop_scale: tuple[float, float]) -> EncodedBatch:
     """Draws each image's crop and flip from torch's random state, as the transforms of the workers' path do (the
     caller seeds it per batch)."""
-    # Image.open reads the header only: the size RandomResizedCrop needs, without decoding
-    boxes = [transforms.RandomResizedCrop.get_params(Image.open(io.BytesIO(j)), crop_scale, ASPECT_RATIOS)
-             for j in jpegs]
+    boxes = []
+    for index, jpeg in enumerate(jpegs):
+        try:
+            header = Image.open(io.BytesIO(jpeg))  # reads the header only: the size RandomResizedCrop needs
+        except Exception as e:  # PIL signals a damaged header with several exception types
+            raise UnreadableJPEG(index, e) from None
+        boxes.append(transforms.RandomResizedCrop.get_params(header, crop_scale, ASPECT_RATIOS))
     flips = torch.rand(len(jpegs)) < 0.5
     data = torch.frombuffer(bytearray(b"".join(jpegs)), dtype=torch.uint8)
     return EncodedBatch(data, torch.tensor([len(j) for j in jpegs]), torch.tensor(boxes), flips)
@@ -97,6 +111,16 @@ def hand_over(images: torch.Tensor, ready: torch.cuda.Event | None) -> torch.Ten
     return images
 
 
+def first_undecodable(batch: EncodedBatch) -> int | None:
+    """Index of the first JPEG of the batch that the CPU decoder rejects (a batched decode does not say which)."""
+    for index, jpeg in enumerate(torch.split(batch.data, batch.lengths.tolist())):
+        try:
+            decode_jpeg(jpeg, mode=ImageReadMode.RGB)
+        except RuntimeError:
+            return index
+    return None
+
+
 _END = object()
 
 
@@ -124,7 +148,12 @@ class DevicePrefetcher:
             for encoded, labels, keys in loader:
                 if self.stopping.is_set():
                     return
-                self._put((*augment(encoded), labels, keys))
+                try:
+                    decoded = augment(encoded)
+                except RuntimeError as e:  # a damaged JPEG, or one the device's decoder does not take
+                    bad = first_undecodable(encoded)
+                    raise (e if bad is None else damaged_sample(keys[bad], None, e)) from None
+                self._put((*decoded, labels, keys))
         except BaseException as error:  # re-raised on the training thread
             self._put(error)
         self._put(_END)

@@ -52,6 +52,14 @@ def error_line(e: BaseException) -> str:
     return re.sub(r"^[\w.]+Error: ", "", str(e).strip().splitlines()[-1])
 
 
+def damaged_sample(key: str, url: str | None, error: BaseException) -> ShardReadError:
+    """The error for a sample whose JPEG does not decode: which sample, where, why, and what to run."""
+    reason = (str(error).strip().splitlines() or [""])[-1].split(", ")[-1]  # torchvision prefixes its source line
+    where = f" of {redact(url)}" if url else ""
+    return ShardReadError(f"sample {key}{where} cannot be decoded ({reason}): the shard is damaged; "
+                          "`python -m shard_tools verify DATA` checks every shard, then rebuild or re-upload it")
+
+
 class ShardIntegrityError(ShardReadError):
     """A shard's bytes do not match the sha256 recorded in the manifest."""
 

@@ -10,7 +10,10 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.io import decode_jpeg
 
+from distributed_train.data import train_loader
 from distributed_train.device_decode import ASPECT_RATIOS, DeviceAugment, DevicePrefetcher, pack_jpegs
+from shard_tools.manifest import Manifest
+from shard_tools.remote import ShardReadError, error_line
 
 CPU = torch.device("cpu")
 SCALE = (0.25, 1.0)
@@ -113,3 +116,23 @@ def test_close_mid_stream_stops_the_thread(jpegs):
     prefetcher.close()
     assert not prefetcher.thread.is_alive()
     assert not any(t.name == "device-decode" for t in threading.enumerate())
+
+
+def test_a_jpeg_that_only_fails_to_decode_is_named_by_its_key(jpegs):
+    """A sound header over damaged data passes the worker (it reads headers only); the batched decode then fails
+    without saying which image, so the prefetcher finds it and names its key."""
+    damaged = jpegs[2][: len(jpegs[2]) // 2]  # truncated: header intact
+    batch = packed([jpegs[0], jpegs[1], damaged], 0)
+    prefetcher = DevicePrefetcher(iter([(batch, torch.zeros(3), ["k0", "k1", "k2"])]), DeviceAugment(32, CPU))
+    with pytest.raises(ShardReadError, match=r"^sample k2 cannot be decoded \(.+\): the shard is damaged"):
+        list(prefetcher)
+    prefetcher.close()
+
+
+def test_a_damaged_header_is_named_by_the_worker_with_its_shard(damaged_shards):
+    loader, _ = train_loader(Manifest.read(str(damaged_shards)), str(damaged_shards), rank=0, world_size=1,
+                             batch_size=4, accum_steps=1, image_size=24, workers=1, seed=0, epoch=0,
+                             decode_on_device=True)
+    with pytest.raises(ShardReadError) as e:
+        list(loader)
+    assert "sample 000000003 of " in error_line(e.value) and "train-000000.tar cannot be decoded" in error_line(e.value)
