@@ -18,6 +18,14 @@ def main(argv=None) -> int:
     except ShardReadError as e:
         print(f"distributed_train: error: {error_line(e)}", file=sys.stderr)
         return 3
+    except RuntimeError as e:
+        if "DataLoader worker (pid" not in str(e):
+            raise
+        # Most often the kernel's OOM killer (SIGKILL): say so in one line, not in a page of traceback.
+        print(f"distributed_train: error: {str(e).strip().splitlines()[-1]}: if the node ran out of memory (`dmesg`, "
+              "SLURM's `seff`), use fewer --workers, a smaller --batch-size or --shuffle-buffer; starting again with "
+              "the same --run-dir resumes from the last checkpoint", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

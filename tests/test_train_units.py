@@ -75,6 +75,28 @@ def test_precision_auto_on_cpu_follows_the_bf16_units():
     assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
 
 
+def test_a_dead_dataloader_worker_is_a_one_line_error_with_what_to_do(monkeypatch, tmp_path, capsys):
+    """The stock message sits at the end of a page of traceback; an OOM-killed worker is a common cluster failure."""
+    import distributed_train.__main__ as cli
+    import distributed_train.train
+
+    def dies(cfg):
+        raise RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly")
+
+    monkeypatch.setattr(distributed_train.train, "train", dies)
+    assert cli.main(["--data", "d", "--run-dir", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("distributed_train: error: DataLoader worker (pid(s) 4242) exited unexpectedly: if the node")
+    assert "fewer --workers" in err and err.count("\n") == 1
+
+    def other_bug(cfg):
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(distributed_train.train, "train", other_bug)
+    with pytest.raises(RuntimeError, match="something else"):  # not hidden behind a friendly line
+        cli.main(["--data", "d", "--run-dir", str(tmp_path / "run")])
+
+
 def test_command_line_errors_are_one_line(capsys):
     with pytest.raises(SystemExit) as e:
         parse_args(["--data", "d", "--run-dir", "r", "--precision", "fp8", "--batch-size", "0", "--workers", "-2",
