@@ -26,8 +26,13 @@ class Logger:
         if wandb_mode != "disabled":
             import wandb
 
-            self.wandb = wandb.init(project=wandb_project, dir=run_dir, mode=wandb_mode, config=config,
-                                    id=wandb_id, resume="allow", name=os.path.basename(os.path.abspath(run_dir)))
+            try:
+                self.wandb = wandb.init(project=wandb_project, dir=run_dir, mode=wandb_mode, config=config,
+                                        id=wandb_id, resume="allow", name=os.path.basename(os.path.abspath(run_dir)))
+            except wandb.errors.Error as e:  # no login, no network, no such entity...: before any step is spent
+                reason = (str(e).strip().splitlines() or [""])[0]
+                raise SystemExit(f"W&B ({wandb_mode}): {reason} For --wandb online, run `wandb login` or set "
+                                 "WANDB_API_KEY; or train with --wandb offline and upload later with `wandb sync`.")
             self.wandb_id = self.wandb.id
 
     def info(self, message: str) -> None:

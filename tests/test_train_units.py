@@ -191,3 +191,16 @@ def test_optimizer_step_skips_an_fp16_overflow_even_when_clipping():
 def test_tally_sums_finite_losses_and_counts_the_others():
     total = sum(tally(torch.tensor(x)) for x in [1.5, float("nan"), 2.0, float("inf")])
     assert total.tolist() == [3.5, 2.0]
+
+
+def test_wandb_online_without_a_login_is_a_one_line_error_before_training(monkeypatch, tmp_path):
+    from distributed_train.logger import Logger
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: not logged in
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    with pytest.raises(SystemExit) as e:
+        Logger(str(tmp_path / "run"), True, "online", "p")
+    assert str(e.value).startswith("W&B (online): ") and "run `wandb login` or set WANDB_API_KEY" in str(e.value)
+    assert "\n" not in str(e.value)
