@@ -38,26 +38,46 @@ def group_near_duplicates(hashes: np.ndarray, max_distance: int = DEFAULT_MAX_DI
     unique, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
     parent = first[inverse].copy()
     if max_distance > 0 and len(unique) > 1:
-        bands = np.array_split(np.arange(64), max_distance + 1)
-        for bits in bands:
-            mask = np.uint64((1 << len(bits)) - 1)
-            keys = (unique >> np.uint64(bits[0])) & mask
-            order = np.argsort(keys, kind="stable")
-            starts = np.flatnonzero(np.r_[True, keys[order][1:] != keys[order][:-1], True])
-            for lo, hi in zip(starts[:-1], starts[1:]):
-                if hi - lo < 2:
-                    continue
-                members = order[lo:hi]
-                h = unique[members]
-                close = np.bitwise_count(h[:, None] ^ h[None, :]) <= max_distance
-                for a, b in zip(*np.nonzero(np.triu(close, k=1))):
-                    _union(parent, int(first[members[a]]), int(first[members[b]]))
+        for bits in np.array_split(np.arange(64), max_distance + 1):
+            keys = (unique >> np.uint64(bits[0])) & np.uint64((1 << len(bits)) - 1)
+            for a, b in _close_pairs(unique, keys, max_distance):
+                _union(parent, int(first[a]), int(first[b]))
     # Every item's root at once: pointer jumping on the forest (roots point at themselves), O(n log depth).
     while True:
         grand = parent[parent]
         if np.array_equal(grand, parent):
             return parent.astype(np.int64)
         parent = grand
+
+
+SMALL_BUCKET = 32  # buckets up to this size are compared all together, one offset at a time
+
+
+def _close_pairs(hashes: np.ndarray, keys: np.ndarray, max_distance: int):
+    """Pairs (i, j) of `hashes` with the same band value in `keys` and at most `max_distance` bits apart.
+
+    Sorted by key, a bucket's members are neighbours: the pairs of all small buckets at once are the items `d`
+    apart with equal keys, for d = 1, 2, ... (a few numpy passes instead of a Python loop over thousands of buckets);
+    each big bucket (one band value shared by many pictures, e.g. dark ones) is compared as one block."""
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1], True])
+    sizes = np.diff(starts)
+    small = np.repeat(sizes <= SMALL_BUCKET, sizes)
+    members, member_keys = order[small], sorted_keys[small]
+    for d in range(1, min(SMALL_BUCKET, len(members))):
+        same = member_keys[:-d] == member_keys[d:]
+        if not same.any():
+            break
+        a, b = members[:-d][same], members[d:][same]
+        close = np.bitwise_count(hashes[a] ^ hashes[b]) <= max_distance
+        yield from zip(a[close].tolist(), b[close].tolist())
+    for lo, hi in zip(starts[:-1][sizes > SMALL_BUCKET], starts[1:][sizes > SMALL_BUCKET]):
+        block = order[lo:hi]
+        h = hashes[block]
+        close = np.bitwise_count(h[:, None] ^ h[None, :]) <= max_distance
+        for a, b in zip(*np.nonzero(np.triu(close, k=1))):
+            yield int(block[a]), int(block[b])
 
 
 def _round_half_up(x: float) -> int:

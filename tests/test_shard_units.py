@@ -227,11 +227,19 @@ def test_grouping_is_transitive_and_uses_the_distance():
     assert list(group_near_duplicates(hashes, max_distance=0)) == [0, 1, 2, 3, 0]
 
 
-def test_banded_grouping_equals_brute_force():
+@pytest.mark.parametrize("shared_band", [False, True], ids=["small-buckets", "one-big-bucket"])
+def test_banded_grouping_equals_brute_force(shared_band):
     rng = np.random.default_rng(1)
     base = rng.integers(0, 2**63, 60, dtype=np.uint64)
-    noisy = [np.uint64(int(h) ^ sum(1 << int(b) for b in rng.choice(64, rng.integers(0, 9), replace=False)))
-             for h in base]
+    if shared_band:
+        # 60 pictures with the same lowest band (as dark ones have), more than SMALL_BUCKET; each copy differs from
+        # its original by one bit in each other band, so only that big bucket can pair them
+        base &= ~np.uint64(0x7FF)
+        bands = np.array_split(np.arange(64), 6)[1:]
+        noisy = [np.uint64(int(h) ^ sum(1 << int(rng.choice(band)) for band in bands)) for h in base]
+    else:
+        noisy = [np.uint64(int(h) ^ sum(1 << int(b) for b in rng.choice(64, rng.integers(0, 9), replace=False)))
+                 for h in base]
     hashes = np.concatenate([base, np.array(noisy, dtype=np.uint64)])
     groups = group_near_duplicates(hashes, max_distance=5)
     # brute force: connected components of the "distance <= 5" graph
