@@ -121,6 +121,16 @@ class Config:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+def int_at_least(minimum: int):
+    """An argparse type: an integer >= minimum, else argparse's own one-line usage error."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
 def build_parser(prog: str = "python -m distributed_train") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Train a bottleneck ResNet on shards made by shard_tools.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)

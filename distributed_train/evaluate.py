@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from distributed_train import dist
+from distributed_train.config import int_at_least
 from distributed_train.data import eval_loader, normalize, stats_tensors
 
 
@@ -78,8 +79,8 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True, help="dataset folder or URL holding manifest.json")
     p.add_argument("--split", default="val")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch-size", type=int_at_least(1), default=64)
+    p.add_argument("--workers", type=int_at_least(0), default=2)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--confusion-png", default="", help="also write the confusion matrix as a PNG here")
     args = p.parse_args(argv)

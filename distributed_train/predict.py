@@ -12,6 +12,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_image
 
 from distributed_train.checkpoint import load, model_from_checkpoint
+from distributed_train.config import int_at_least
 from distributed_train.data import Preprocess, normalize, stats_tensors
 
 
@@ -44,13 +45,21 @@ class Classifier:
                 for row_i, row_p in zip(indices, values)]
 
 
+def device_name(text: str) -> torch.device:
+    try:
+        return torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m distributed_train.predict", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True)
     p.add_argument("images", nargs="+", metavar="IMG")
-    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--top-k", type=int_at_least(1), default=3)
     p.add_argument("--json", action="store_true", help="one JSON object per image")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda, cuda:1, ...")
     args = p.parse_args(argv)
 
     classifier = Classifier(args.checkpoint, args.device)

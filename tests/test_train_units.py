@@ -204,3 +204,17 @@ def test_wandb_online_without_a_login_is_a_one_line_error_before_training(monkey
         Logger(str(tmp_path / "run"), True, "online", "p")
     assert str(e.value).startswith("W&B (online): ") and "run `wandb login` or set WANDB_API_KEY" in str(e.value)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("tool, argv, expected", [
+    ("predict", ["--checkpoint", "c.pt", "x.jpg", "--top-k", "0"], "argument --top-k: must be at least 1, got 0"),
+    ("predict", ["--checkpoint", "c.pt", "x.jpg", "--device", "tpu"], "'tpu' is not a device"),
+    ("evaluate", ["--checkpoint", "c.pt", "--data", "d", "--batch-size", "0"], "--batch-size: must be at least 1"),
+    ("evaluate", ["--checkpoint", "c.pt", "--data", "d", "--workers", "-1"], "--workers: must be at least 0"),
+])
+def test_evaluate_and_predict_reject_impossible_flags_in_one_line(tool, argv, expected, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(f"distributed_train.{tool}").main(argv)
+    assert e.value.code == 2 and expected in capsys.readouterr().err
