@@ -80,9 +80,10 @@ class Logger:
                 y_true=y_true, preds=preds, class_names=class_names),
                 f"{prefix}/confusion_matrix_png": wandb.Image(png_path)}, step=step)
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
+        """`exit_code`: the run's own, so W&B shows a diverged or preempted run as not finished."""
         if not self.enabled:
             return
         self.metrics.close()
         if self.wandb is not None:
-            self.wandb.finish()
+            self.wandb.finish(exit_code=exit_code)

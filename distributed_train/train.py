@@ -338,7 +338,7 @@ def _train(cfg: Config, ctx: dist.DistContext) -> int:
         best = f"best val top-1 {best_top1:.4f}" if best_top1 >= 0 else "no validation split"
         log.info(f"done: {step} steps, {best}; checkpoints in "
                  f"{checkpoint.checkpoint_dir(run_dir)}")
-    log.close()
+    log.close(exit_code)
     return exit_code
 
 

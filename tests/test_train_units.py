@@ -1,6 +1,7 @@
 """Pieces of the training loop that are easy to get subtly wrong: schedule, EMA warmup, weight-decay groups,
 gradient clipping under fp16 loss scaling, the NaN tally."""
 import math
+import time
 
 import pytest
 import torch
@@ -218,3 +219,23 @@ def test_evaluate_and_predict_reject_impossible_flags_in_one_line(tool, argv, ex
     with pytest.raises(SystemExit) as e:
         importlib.import_module(f"distributed_train.{tool}").main(argv)
     assert e.value.code == 2 and expected in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("exit_code", [0, 4])
+def test_the_wandb_run_ends_with_the_trainers_exit_code(exit_code, tmp_path, monkeypatch):
+    import glob
+
+    from distributed_train.logger import Logger
+    from wandb_records import records
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    log = Logger(str(tmp_path / "run"), True, "offline", "p")
+    log.log({"kind": "train", "loss": 1.0}, step=1)
+    log.close(exit_code)
+    (run_file,) = glob.glob(str(tmp_path / "run" / "wandb" / "offline-run-*" / "run-*.wandb"))
+    deadline = time.monotonic() + 20
+    while not (exits := [r.exit.exit_code for r in records(run_file) if r.WhichOneof("record_type") == "exit"]):
+        if time.monotonic() > deadline:  # W&B's service process may write the last record after finish() returns
+            break
+        time.sleep(0.2)
+    assert exits == [exit_code]
