@@ -135,6 +135,9 @@ def merge(out: str, *, workers: int = 1, progress: bool = True) -> Manifest:
     work = WorkList.load(os.path.join(out, PLAN_DIR))
     chunks = work.chunks()
     missing = [c.index for c in chunks if not c.done()]
+    if len(missing) == len(chunks) and os.path.exists(os.path.join(out, MANIFEST_NAME)):
+        raise BuildError(f"{out} is already merged: its manifest.json is complete, and that merge removed the encoded "
+                         "chunks. To rebuild, run `plan --overwrite` and the slices again")
     if missing:
         listed = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
         raise BuildError(f"{len(missing)} of {len(chunks)} image chunks are not encoded yet (chunk {listed}; chunk i "

@@ -423,6 +423,9 @@ def upload_dataset(local_dir: str, dest: str, *, overwrite: bool = False) -> lis
     if urlsplit(dest).scheme in ("http", "https"):
         raise ValueError(f"cannot upload to {redact(dest)}: HTTP is read-only here; copy the folder to the server")
     root = dataset_root(dest)
+    if not urlsplit(root).scheme and os.path.realpath(root) == os.path.realpath(local_dir):
+        # --overwrite would delete the one manifest before copying it onto itself
+        raise ValueError(f"{root} is the dataset being uploaded: give another destination")
     manifest_url = join_location(root, MANIFEST_NAME)
     if _exists(manifest_url):
         if not overwrite:

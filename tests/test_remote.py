@@ -296,6 +296,11 @@ def test_upload_to_a_folder(dataset, tmp_path):
     assert order[-1] == "manifest.json"
     assert Manifest.read(str(tmp_path / "copy")).to_dict() == Manifest.read(str(dataset)).to_dict()
     assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == sorted(p.name for p in dataset.iterdir())
+    before = sorted(p.name for p in (tmp_path / "copy").iterdir())
+    for same in (str(tmp_path / "copy"), str(tmp_path / "copy") + "/", str(tmp_path / "copy" / "manifest.json")):
+        with pytest.raises(ValueError, match="is the dataset being uploaded"):  # --overwrite would delete its manifest
+            remote.upload_dataset(str(tmp_path / "copy"), same, overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == before
 
 
 def test_upload_writes_manifest_last(s3_server, s3_bucket, dataset, monkeypatch):

@@ -210,6 +210,10 @@ def test_slices_then_merge_equal_a_one_process_build(tmp_path, capsys):
     whole, sliced = Manifest.read(str(tmp_path / "whole")), Manifest.read(str(tmp_path / "sliced"))
     assert sliced.to_dict() == whole.to_dict()
     assert (tmp_path / "whole" / "skipped.csv").read_text() == (tmp_path / "sliced" / "skipped.csv").read_text()
+    capsys.readouterr()
+    assert main(["merge", str(tmp_path / "sliced"), "--no-progress"]) == 2  # again: says so, and keeps the dataset
+    assert "is already merged" in capsys.readouterr().err
+    assert Manifest.read(str(tmp_path / "sliced")).to_dict() == whole.to_dict()
 
 
 # --- safety of the output folder ----------------------------------------------------------------------------------
