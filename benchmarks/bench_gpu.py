@@ -100,7 +100,6 @@ def model_only(name: str, args, num_classes: int) -> dict:
     model = build_model(args.arch, num_classes, width=args.width, zero_init_residual=True)
     model.to(device, memory_format=memory_format).train()
     optimizer = build_optimizer(model, Config(data="-", run_dir="-"), 0.1, device)
-    params = list(model.parameters())
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
@@ -112,7 +111,7 @@ def model_only(name: str, args, num_classes: int) -> dict:
     def step():
         forward_backward(step_model, None, x, y, autocast=autocast, scaler=scaler, accum_steps=1, sync=True,
                          label_smoothing=0.1)
-        optimizer_step(optimizer, scaler, params, clip_grad_norm=0.0)
+        optimizer_step(optimizer, scaler, clip_grad_norm=0.0)
 
     start = time.perf_counter()
     step()

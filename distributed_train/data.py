@@ -192,7 +192,6 @@ class SlotStream(IterableDataset):
         labels = torch.tensor([int(s["cls"]) for s in raw], dtype=torch.long)
         return images, labels, [s["__key__"] for s in raw]
 
-
     def decode(self, sample: dict) -> torch.Tensor:
         try:
             return self.preprocess(sample["jpg"])

@@ -81,7 +81,7 @@ class Logger:
                 f"{prefix}/confusion_matrix_png": wandb.Image(png_path)}, step=step)
 
     def close(self, exit_code: int = 0) -> None:
-        """`exit_code`: the run's own, so W&B shows a diverged or preempted run as not finished."""
+        """`exit_code`: the trainer's own, recorded in the W&B run (non-zero: diverged or preempted)."""
         if not self.enabled:
             return
         self.metrics.close()

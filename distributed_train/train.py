@@ -95,10 +95,11 @@ def forward_backward(model, ddp_model, x, y, *, autocast, scaler, accum_steps: i
     return loss.detach()
 
 
-def optimizer_step(optimizer, scaler, params: list, clip_grad_norm: float) -> None:
+def optimizer_step(optimizer, scaler, clip_grad_norm: float) -> None:
     """One update from the accumulated gradients, optionally clipped to a global norm first."""
     if clip_grad_norm > 0:
         scaler.unscale_(optimizer)  # clip the real gradients, not fp16's loss-scaled ones (a no-op otherwise)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)  # rescales on the device: no host sync
     scaler.step(optimizer)  # with fp16, skipped when a gradient overflowed
     scaler.update()
@@ -174,7 +175,6 @@ def _train(cfg: Config, ctx: dist.DistContext) -> int:
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     warmup = cfg.warmup_steps or max(1, round(0.03 * total_steps))
     optimizer = build_optimizer(model, cfg, lr, device)
-    params = list(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
@@ -274,7 +274,7 @@ def _train(cfg: Config, ctx: dist.DistContext) -> int:
                 fetch_start = time.perf_counter()
                 continue
 
-            optimizer_step(optimizer, scaler, params, cfg.clip_grad_norm)
+            optimizer_step(optimizer, scaler, cfg.clip_grad_norm)
             scheduler.step()
             if ema is not None:
                 ema.update(model)

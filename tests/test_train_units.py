@@ -169,7 +169,7 @@ def test_optimizer_step_clips_the_real_gradient_norm(clip, loss_scale):
     gradient = torch.cat([p.grad.flatten() for p in params]) / (loss_scale or 1.0)
     assert gradient.norm() > 4 * 0.5, "the test needs a gradient that clipping changes"
 
-    optimizer_step(optimizer, scaler, params, clip_grad_norm=clip)
+    optimizer_step(optimizer, scaler, clip_grad_norm=clip)
 
     moved = before - torch.cat([p.detach().flatten() for p in params])
     expected = gradient * (clip / gradient.norm() if clip else 1.0)
@@ -184,7 +184,7 @@ def test_optimizer_step_skips_an_fp16_overflow_even_when_clipping():
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     scaler.scale(model(torch.ones(1, 2)).sum()).backward()
     params[0].grad[0, 0] = float("inf")
-    optimizer_step(torch.optim.SGD(params, lr=1.0), scaler, params, clip_grad_norm=1.0)
+    optimizer_step(torch.optim.SGD(params, lr=1.0), scaler, clip_grad_norm=1.0)
     assert all(torch.equal(a, b) for a, b in zip(before, params)), "an overflowed step must not move the weights"
     assert scaler.get_scale() < 2.0**16
 
