@@ -58,8 +58,12 @@ def cpu_group():
     return _cpu_group
 
 
-def teardown() -> None:
+def teardown(all_ranks_done: bool = False) -> None:
+    """Leave the job. `all_ranks_done`: every rank got here without an error, so wait for the others first: a gloo
+    rank whose peer closes its connections while it is still shutting down can abort (SIGABRT) at exit."""
     if dist.is_available() and dist.is_initialized():
+        if all_ranks_done:
+            dist.barrier()
         dist.destroy_process_group()
 
 

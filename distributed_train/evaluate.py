@@ -116,9 +116,10 @@ def main(argv=None) -> int:
                 print(json.dumps({"split": args.split, "classes": manifest.classes, **result}))
             else:
                 print(format_report(result, manifest.classes))
+        dist.teardown(all_ranks_done=True)
         return 0
     finally:
-        dist.teardown()
+        dist.teardown()  # after an error (a no-op once torn down above)
 
 
 if __name__ == "__main__":

@@ -116,9 +116,12 @@ def tally(loss: torch.Tensor) -> torch.Tensor:
 def train(cfg: Config) -> int:
     ctx = dist.setup()
     try:
-        return _train(cfg, ctx)
-    finally:
+        exit_code = _train(cfg, ctx)
+    except BaseException:
         dist.teardown()
+        raise
+    dist.teardown(all_ranks_done=True)
+    return exit_code
 
 
 def _train(cfg: Config, ctx: dist.DistContext) -> int:
