@@ -1,9 +1,13 @@
 """`python -m distributed_train ...` or `torchrun --nproc-per-node N -m distributed_train ...`."""
+import os
 import sys
 
 from distributed_train.config import parse_args
 from shard_tools.manifest import ManifestError
 from shard_tools.remote import ShardReadError, error_line
+
+# What gloo raises in a collective when the peer process has exited.
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer")
 
 
 def main(argv=None) -> int:
@@ -19,6 +23,11 @@ def main(argv=None) -> int:
         print(f"distributed_train: error: {error_line(e)}", file=sys.stderr)
         return 3
     except RuntimeError as e:
+        if any(lost in str(e) for lost in PEER_LOST):
+            # The rank that failed printed its own error; a second page of traceback here would bury it.
+            print(f"distributed_train: rank {os.environ.get('RANK', 0)} stops: another rank left the job (its error "
+                  "is printed above)", file=sys.stderr)
+            return 1
         if "DataLoader worker (pid" not in str(e):
             raise
         # Most often the kernel's OOM killer (SIGKILL): say so in one line, not in a page of traceback.

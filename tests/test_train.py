@@ -236,6 +236,18 @@ def test_a_diverging_run_stops_every_rank_with_its_own_exit_code(uneven_shards, 
     assert not (run_dir / "checkpoints" / "latest.pt").exists()
 
 
+def test_a_rank_that_fails_is_named_once_and_the_others_say_why_they_stop(damaged_shards, tmp_path):
+    """One rank meets a damaged sample: it prints the one-line error; the rank waiting for it in a collective says
+    that another rank left, without a page of gloo traceback that would bury the cause."""
+    result = run(train_cmd(damaged_shards, tmp_path / "run", "--max-steps", "20", "--workers", "0", "--wandb",
+                           "disabled", launcher=TORCHRUN), timeout=120)
+    assert result.returncode != 0
+    before_torchrun = result.stderr.split("ChildFailedError")[0]
+    assert before_torchrun.count("train-000000.tar cannot be decoded") == 1, result.stderr[-3000:]
+    assert "stops: another rank left the job (its error is printed above)" in before_torchrun, result.stderr[-3000:]
+    assert "Traceback" not in before_torchrun.split("torch/distributed/elastic")[0], result.stderr[-3000:]
+
+
 def test_resuming_with_other_settings_refuses_warns_or_adapts(uneven_shards, tmp_path):
     """Another optimizer cannot take over the saved state (refused in one line); bf16 -> fp16 starts a fresh loss
     scale; a new --lr is not applied to a restored schedule, and the run says so."""
