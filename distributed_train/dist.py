@@ -58,12 +58,12 @@ def cpu_group():
     return _cpu_group
 
 
-def teardown(all_ranks_done: bool = False) -> None:
-    """Leave the job. `all_ranks_done`: every rank got here without an error, so wait for the others first: a gloo
-    rank whose peer closes its connections while it is still shutting down can abort (SIGABRT) at exit."""
+def teardown() -> None:
+    """Leave the job. No reference to a group may outlive this: a gloo group freed only when the interpreter shuts
+    down can abort the process (SIGABRT, "terminate called without an active exception") once its peers are gone."""
+    global _cpu_group
+    _cpu_group = None
     if dist.is_available() and dist.is_initialized():
-        if all_ranks_done:
-            dist.barrier()
         dist.destroy_process_group()
 
 

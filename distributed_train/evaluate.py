@@ -116,10 +116,9 @@ def main(argv=None) -> int:
                 print(json.dumps({"split": args.split, "classes": manifest.classes, **result}))
             else:
                 print(format_report(result, manifest.classes))
-        dist.teardown(all_ranks_done=True)
         return 0
     finally:
-        dist.teardown()  # after an error (a no-op once torn down above)
+        dist.teardown()
 
 
 if __name__ == "__main__":

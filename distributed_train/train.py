@@ -116,12 +116,9 @@ def tally(loss: torch.Tensor) -> torch.Tensor:
 def train(cfg: Config) -> int:
     ctx = dist.setup()
     try:
-        exit_code = _train(cfg, ctx)
-    except BaseException:
+        return _train(cfg, ctx)
+    finally:
         dist.teardown()
-        raise
-    dist.teardown(all_ranks_done=True)
-    return exit_code
 
 
 def _train(cfg: Config, ctx: dist.DistContext) -> int:

@@ -37,5 +37,7 @@ else:
 
 if ctx.is_main:
     torch.save({n: p.grad for n, p in model.named_parameters()}, out)
-ddp = None  # the DDP reducer goes before its process group does
-dist.teardown(all_ranks_done=True)
+# Everyone done before the group goes away; a DDP reducer still alive at teardown can abort the process (gloo).
+dist.barrier()
+ddp = None
+dist.teardown()
