@@ -6,13 +6,11 @@ from distributed_train.config import parse_args
 from shard_tools.manifest import ManifestError
 from shard_tools.remote import ShardReadError, error_line
 
-# What gloo raises in a collective when the peer process has exited.
-PEER_LOST = ("Connection closed by peer", "Connection reset by peer")
-
 
 def main(argv=None) -> int:
     cfg = parse_args(argv)
-    from distributed_train.train import train  # after argument parsing: `--help` stays instant
+    from distributed_train import dist  # after argument parsing: `--help` stays instant (no torch import)
+    from distributed_train.train import train
 
     try:
         return train(cfg)
@@ -23,8 +21,7 @@ def main(argv=None) -> int:
         print(f"distributed_train: error: {error_line(e)}", file=sys.stderr)
         return 3
     except RuntimeError as e:
-        if any(lost in str(e) for lost in PEER_LOST):
-            # The rank that failed printed its own error; a second page of traceback here would bury it.
+        if dist.peer_lost(e):
             print(f"distributed_train: rank {os.environ.get('RANK', 0)} stops: another rank left the job (its error "
                   "is printed above)", file=sys.stderr)
             return 1

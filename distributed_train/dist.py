@@ -67,6 +67,12 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def peer_lost(error: BaseException) -> bool:
+    """gloo's error in a collective whose peer process has exited. That rank printed its own error: the ranks left
+    waiting for it should say so in a line, not in a page of traceback that buries the cause."""
+    return any(lost in str(error) for lost in ("Connection closed by peer", "Connection reset by peer"))
+
+
 def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
     """Sum a tensor over ranks in place (a no-op in a world of one)."""
     if dist.is_initialized():

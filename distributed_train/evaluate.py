@@ -107,6 +107,12 @@ def main(argv=None) -> int:
         except ShardReadError as e:
             print(f"error: {error_line(e)}", file=sys.stderr)
             return 3
+        except RuntimeError as e:
+            if not dist.peer_lost(e):
+                raise
+            print(f"error: rank {ctx.rank} stops: another rank left the job (its error is printed above)",
+                  file=sys.stderr)
+            return 1
         if ctx.is_main:
             if args.confusion_png:
                 from distributed_train.plots import plot_confusion_matrix

@@ -105,6 +105,13 @@ def test_evaluate_cli_counts_every_sample_and_names_bad_input(ddp_run, uneven_sh
                    "--data", str(damaged_shards), "--workers", "1"])
     assert damaged.returncode == 3 and "Traceback" not in damaged.stderr
     assert damaged.stderr.startswith("error: sample 000000155 of ") and "val-000001.tar cannot be decoded" in damaged.stderr
+    # under torchrun only one rank reads the damaged sample; the other, waiting in the all-reduce, says why it stops
+    two_ranks = run([*TORCHRUN, "-m", "distributed_train.evaluate", "--checkpoint", str(run_dir / "checkpoints/best.pt"),
+                     "--data", str(damaged_shards), "--workers", "0"])
+    before_torchrun = two_ranks.stderr.split("ChildFailedError")[0]
+    assert two_ranks.returncode != 0 and before_torchrun.count("val-000001.tar cannot be decoded") == 1
+    assert "stops: another rank left the job" in before_torchrun, two_ranks.stderr[-3000:]
+    assert "Traceback" not in before_torchrun.split("torch/distributed/elastic")[0], two_ranks.stderr[-3000:]
 
 
 def test_predict_names_the_right_class_and_rejects_non_images(ddp_run, tmp_path):
