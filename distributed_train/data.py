@@ -182,7 +182,8 @@ class SlotStream(IterableDataset):
             torch.manual_seed(hash_seed(seed))
             if self.encoded:  # --decode device: crops drawn here, decoded on the GPU
                 try:
-                    images = pack_jpegs([s["jpg"] for s in raw], self.preprocess.crop_scale)
+                    images = pack_jpegs([s["jpg"] for s in raw], self.preprocess.crop_scale,
+                                        tuple(s.get("__url__") for s in raw))
                 except UnreadableJPEG as e:
                     bad = raw[e.index]
                     raise damaged_sample(bad["__key__"], bad.get("__url__"), e.error) from None

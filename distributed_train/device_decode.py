@@ -40,6 +40,7 @@ class EncodedBatch(NamedTuple):
     lengths: torch.Tensor
     boxes: torch.Tensor  # (N, 4): top, left, height, width of each RandomResizedCrop
     flips: torch.Tensor  # (N,) bool
+    urls: tuple = ()  # each JPEG's shard, to name it if it turns out not to decode
 
 
 class UnreadableJPEG(Exception):
@@ -50,7 +51,7 @@ class UnreadableJPEG(Exception):
         self.index, self.error = index, error
 
 
-def pack_jpegs(jpegs: list[bytes], crop_scale: tuple[float, float]) -> EncodedBatch:
+def pack_jpegs(jpegs: list[bytes], crop_scale: tuple[float, float], urls: tuple = ()) -> EncodedBatch:
     """Draws each image's crop and flip from torch's random state, as the transforms of the workers' path do (the
     caller seeds it per batch)."""
     boxes = []
@@ -62,7 +63,7 @@ def pack_jpegs(jpegs: list[bytes], crop_scale: tuple[float, float]) -> EncodedBa
         boxes.append(transforms.RandomResizedCrop.get_params(header, crop_scale, ASPECT_RATIOS))
     flips = torch.rand(len(jpegs)) < 0.5
     data = torch.frombuffer(bytearray(b"".join(jpegs)), dtype=torch.uint8)
-    return EncodedBatch(data, torch.tensor([len(j) for j in jpegs]), torch.tensor(boxes), flips)
+    return EncodedBatch(data, torch.tensor([len(j) for j in jpegs]), torch.tensor(boxes), flips, tuple(urls))
 
 
 class DeviceAugment:
@@ -152,7 +153,9 @@ class DevicePrefetcher:
                     decoded = augment(encoded)
                 except RuntimeError as e:  # a damaged JPEG, or one the device's decoder does not take
                     bad = first_undecodable(encoded)
-                    raise (e if bad is None else damaged_sample(keys[bad], None, e)) from None
+                    if bad is None:
+                        raise
+                    raise damaged_sample(keys[bad], encoded.urls[bad] if encoded.urls else None, e) from None
                 self._put((*decoded, labels, keys))
         except BaseException as error:  # re-raised on the training thread
             self._put(error)

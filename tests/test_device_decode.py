@@ -1,5 +1,7 @@
 """--decode device on the CPU: the packed batch, the seeded crops and flips, and the read-ahead thread."""
 import io
+import shutil
+import tarfile
 import threading
 
 import numpy as np
@@ -122,9 +124,10 @@ def test_a_jpeg_that_only_fails_to_decode_is_named_by_its_key(jpegs):
     """A sound header over damaged data passes the worker (it reads headers only); the batched decode then fails
     without saying which image, so the prefetcher finds it and names its key."""
     damaged = jpegs[2][: len(jpegs[2]) // 2]  # truncated: header intact
-    batch = packed([jpegs[0], jpegs[1], damaged], 0)
+    torch.manual_seed(0)
+    batch = pack_jpegs([jpegs[0], jpegs[1], damaged], SCALE, ("a.tar", "a.tar", "b.tar"))
     prefetcher = DevicePrefetcher(iter([(batch, torch.zeros(3), ["k0", "k1", "k2"])]), DeviceAugment(32, CPU))
-    with pytest.raises(ShardReadError, match=r"^sample k2 cannot be decoded \(.+\): the shard is damaged"):
+    with pytest.raises(ShardReadError, match=r"^sample k2 of b.tar cannot be decoded \(.+\): the shard is damaged"):
         list(prefetcher)
     prefetcher.close()
 
@@ -136,3 +139,24 @@ def test_a_damaged_header_is_named_by_the_worker_with_its_shard(damaged_shards):
     with pytest.raises(ShardReadError) as e:
         list(loader)
     assert "sample 000000003 of " in error_line(e.value) and "train-000000.tar cannot be decoded" in error_line(e.value)
+
+
+def test_damage_past_the_header_is_named_with_its_shard_after_the_dataloader(uneven_shards, tmp_path):
+    """The whole path: the worker packs a JPEG whose header is sound, the batched decode fails, and the error names
+    the sample and the shard it came from (carried through the DataLoader in the EncodedBatch)."""
+    data = tmp_path / "shards"
+    shutil.copytree(uneven_shards, data)
+    shard = data / "train-000000.tar"
+    raw = bytearray(shard.read_bytes())
+    with tarfile.open(shard) as tar:
+        member = [m for m in tar.getmembers() if m.name.endswith(".jpg")][3]
+    half = member.offset_data + member.size // 2
+    raw[half:member.offset_data + member.size] = bytes(member.offset_data + member.size - half)  # same size
+    shard.write_bytes(raw)
+    loader, _ = train_loader(Manifest.read(str(data)), str(data), rank=0, world_size=1, batch_size=4, accum_steps=1,
+                             image_size=24, workers=1, seed=0, epoch=0, decode_on_device=True)
+    prefetcher = DevicePrefetcher(loader, DeviceAugment(24, CPU))
+    with pytest.raises(ShardReadError) as e:
+        list(prefetcher)
+    prefetcher.close()
+    assert error_line(e.value).startswith("sample 000000003 of ") and "train-000000.tar cannot be decoded" in str(e.value)
