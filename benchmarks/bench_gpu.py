@@ -7,7 +7,7 @@
    without channels_last, and bf16 or fp16 + channels_last + torch.compile. Images/s over --steps timed steps after
    --warmup untimed ones (the first runs cuDNN's autotuning and the compiler), and each configuration's peak memory.
 2. End to end: `python -m distributed_train` with the fastest setting of part 1, streaming shards built here at
-   `--size 256` from generated photo-like pictures (shard_tools.demo_data, copies of --unique images), decoding
+   `--size 256` from generated photo-like pictures (mushroom_demo.painter, copies of --unique images), decoding
    in DataLoader workers (`--decode workers`) and with nvJPEG on the GPU (`--decode device`); and `--synthetic`, the
    same trainer loop without the data pipeline. Images/s come from RUN/metrics.jsonl after the first logging window
    (start-up and compilation), with the trainer's data-wait share and peak memory.
@@ -42,9 +42,9 @@ from distributed_train.device_decode import DeviceAugment, hand_over, pack_jpegs
 from distributed_train.model import build_model
 from distributed_train.train import build_optimizer, forward_backward, optimizer_step
 from shard_tools.build import build_dataset
-from shard_tools.demo_data import SPECIES, generate_demo_dataset
+from mushroom_demo.painter import SPECIES, generate_demo_dataset
 from shard_tools.manifest import Manifest
-from shard_tools.remote import iter_shard_samples
+from shard_tools.shard_reader import iter_shard_samples
 
 # name -> (precision, channels_last, compile); the order they run in
 MODEL_CONFIGS = {
@@ -99,7 +99,7 @@ def model_only(name: str, args, num_classes: int) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     model = build_model(args.arch, num_classes, width=args.width, zero_init_residual=True)
     model.to(device, memory_format=memory_format).train()
-    optimizer = build_optimizer(model, Config(data="-", run_dir="-"), 0.1, device)
+    optimizer = build_optimizer(model, Config(data="-", run_dir="-", lr=0.1), device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
@@ -109,7 +109,7 @@ def model_only(name: str, args, num_classes: int) -> dict:
     y = torch.randint(0, num_classes, (args.batch_size,), device=device)
 
     def step():
-        forward_backward(step_model, None, x, y, autocast=autocast, scaler=scaler, accum_steps=1, sync=True,
+        forward_backward(step_model, x, y, autocast=autocast, scaler=scaler, accum_steps=1, sync=True,
                          label_smoothing=0.1)
         optimizer_step(optimizer, scaler, clip_grad_norm=0.0)
 
@@ -167,7 +167,7 @@ def check_device_decode(args, shards: Path) -> dict:
     pixels within the decoders' rounding differences, the same output when run twice; and how long one batch takes
     with the GPU otherwise idle (nvJPEG alone, and decode + crops)."""
     device = torch.device(args.device)
-    url = Manifest.read(str(shards)).shard_urls(str(shards), "train")[0]
+    url = Manifest.read(str(shards)).shard_urls("train")[0]
     jpegs = [s["jpg"] for s in iter_shard_samples(url, stop=args.batch_size)]
     torch.manual_seed(123)
     batch = pack_jpegs(jpegs, (0.25, 1.0))

@@ -52,7 +52,7 @@ from torchvision import transforms  # noqa: E402
 from distributed_train.data import Preprocess, hash_seed, train_loader  # noqa: E402
 from shard_tools.build import build_dataset  # noqa: E402
 from shard_tools.manifest import Manifest  # noqa: E402
-from shard_tools.remote import iter_shard_samples  # noqa: E402
+from shard_tools.shard_reader import iter_shard_samples  # noqa: E402
 from machine import MUSHVISION4, load_line, machine_line  # noqa: E402
 
 # plt.imread returns a read-only array and ToTensor warns about it, once per worker process: the seed's behaviour.
@@ -100,7 +100,7 @@ def alternate(rounds: int, contenders: dict) -> dict[str, list[Timing]]:
 def time_train_loader(manifest: Manifest, shards: str, *, batch_size: int, image_size: int, epoch: int,
                       shuffle_buffer: int = 1000) -> tuple[Timing, list[list[str]]]:
     """One epoch of one worker: throughput after its first batch, and the keys of the timed batches."""
-    loader, _ = train_loader(manifest, shards, rank=0, world_size=1, batch_size=batch_size, accum_steps=1,
+    loader, _ = train_loader(manifest, rank=0, world_size=1, batch_size=batch_size, accum_steps=1,
                              image_size=image_size, workers=1, seed=SEED, epoch=epoch, shuffle_buffer=shuffle_buffer)
     stream = iter(loader)
     next(stream)  # warm-up: worker start-up, shuffle-buffer fill, first batch
@@ -116,7 +116,7 @@ def time_train_loader(manifest: Manifest, shards: str, *, batch_size: int, image
 def read_train_samples(manifest: Manifest, shards: str) -> dict[str, tuple[bytes, int]]:
     """key -> (JPEG bytes, class index) of every training sample, in memory."""
     return {s["__key__"]: (s["jpg"], int(s["cls"]))
-            for url in manifest.shard_urls(shards, "train") for s in iter_shard_samples(url)}
+            for url in manifest.shard_urls("train") for s in iter_shard_samples(url)}
 
 
 def time_bare_loop(samples: dict[str, tuple[bytes, int]], batch_keys: list[list[str]], image_size: int) -> Timing:

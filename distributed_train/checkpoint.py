@@ -11,6 +11,9 @@ import shutil
 
 import torch
 
+from shard_tools.errors import CheckpointError, one_line
+from shard_tools.fileio import atomic_write
+
 LATEST, BEST = "latest.pt", "best.pt"
 
 
@@ -19,9 +22,8 @@ def checkpoint_dir(run_dir: str) -> str:
 
 
 def save_atomic(state: dict, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # readers see the old file or the whole new one, never half of one
+    with atomic_write(path) as f:  # readers see the old file or the whole new one, never half of one
+        torch.save(state, f)
 
 
 def save(state: dict, run_dir: str, step: int, keep: int, best: bool = False) -> str:
@@ -56,16 +58,21 @@ def load(path: str, map_location="cpu") -> dict:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
-        raise SystemExit(f"no checkpoint at {path}") from None
+        raise CheckpointError(f"no checkpoint at {path}") from None
     except Exception as e:  # a truncated or foreign file: say which and why, in one line (torch's run to ten)
-        reason = (str(e).strip().splitlines() or [""])[0][:200]
-        raise SystemExit(f"cannot load checkpoint {path} (not a complete PyTorch weights file?): "
-                         f"{type(e).__name__}: {reason}") from None
+        raise CheckpointError(f"cannot load checkpoint {path} (not a complete PyTorch weights file?): "
+                              f"{type(e).__name__}: {one_line(e, limit=200)}") from None
 
 
 def latest_path(run_dir: str) -> str | None:
     path = os.path.join(checkpoint_dir(run_dir), LATEST)
     return path if os.path.exists(path) else None
+
+
+def load_latest(run_dir: str) -> dict | None:
+    """The run's newest checkpoint, or None for a run that has not saved one yet."""
+    path = latest_path(run_dir)
+    return load(path) if path else None
 
 
 def capture_rng() -> dict:

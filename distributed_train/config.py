@@ -1,18 +1,30 @@
-"""Run settings: one dataclass, its command line, and RUN/config.json.
+"""Run settings: one dataclass, its command line, `resolve()` of the auto values, and RUN/config.json.
 
-Every field is a plain value with a default; the command line is generated from the fields so the two never drift.
+Every field is a plain value with a default; its metadata (help, choices, valid range) generates the command line and
+validates a Config however it was made, so the two never drift. "Auto" values (workers -1, lr 0, warmup 0,
+max_steps 0, precision and channels_last "auto") are turned into concrete ones once, by `resolve`, and the concrete
+values are what config.json and checkpoints record.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 
+from shard_tools.errors import UsageError
 
-def _opt(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
+# model.ARCHS's names, repeated here so that `--help` never waits for torch to import (a test keeps them equal)
+ARCH_NAMES = ("resnet26", "resnet50", "resnet101", "resnet152")
+
+
+def _opt(default, help: str, *, choices: tuple | None = None, valid: tuple | None = None, **kw):
+    """A setting. `valid` is (description, test), e.g. ("at least 1", lambda v: v >= 1)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "valid": valid, **kw})
+
+
+AT_LEAST_0 = ("0 or more", lambda v: v >= 0)
+AT_LEAST_1 = ("at least 1", lambda v: v >= 1)
 
 
 @dataclass
@@ -21,99 +33,77 @@ class Config:
     data: str = _opt("", "dataset folder or URL (http(s)://, s3://) holding manifest.json", required=True)
     run_dir: str = _opt("", "run folder: checkpoints, metrics.jsonl, config.json; reusing it resumes", required=True)
     # model
-    arch: str = _opt("resnet50", "resnet26 | resnet50 | resnet101 | resnet152")
-    width: float = _opt(1.0, "channel width multiplier (e.g. 0.25 for CPU runs)")
-    image_size: int = _opt(224, "training / evaluation crop size in pixels")
+    arch: str = _opt("resnet50", "network", choices=ARCH_NAMES)
+    width: float = _opt(1.0, "channel width multiplier (e.g. 0.25 for CPU runs)", valid=("positive", lambda v: v > 0))
+    image_size: int = _opt(224, "training / evaluation crop size in pixels", valid=AT_LEAST_1)
     init_from: str = _opt("", "torchvision-format state_dict (.pth) or a checkpoint of this trainer to start from "
                               "(fc skipped if classes differ)")
     # schedule
-    epochs: int = _opt(10, "number of epochs (ignored when --max-steps is set)")
-    max_steps: int = _opt(0, "stop after this many optimizer steps in total (0: use --epochs)")
-    batch_size: int = _opt(64, "images per GPU/process per micro-batch")
-    accum_steps: int = _opt(1, "gradient accumulation: micro-batches per optimizer step")
-    optimizer: str = _opt("sgd", "sgd (Nesterov momentum) | adamw")
-    lr: float = _opt(0.0, "peak learning rate; 0 = base lr scaled by global batch (sgd 0.1, adamw 1e-3 per 256)")
-    weight_decay: float = _opt(5e-5, "weight decay (not applied to BatchNorm and biases)")
-    warmup_steps: int = _opt(0, "linear warmup steps (0: about 3%% of the run, at least 1)")
-    label_smoothing: float = _opt(0.1, "cross-entropy label smoothing")
-    clip_grad_norm: float = _opt(0.0, "clip the global gradient norm to this before each step (0: off; 1.0 is common)")
-    ema_decay: float = _opt(0.0, "EMA of the weights (e.g. 0.999); 0 disables; evaluation uses the EMA weights")
-    min_crop_scale: float = _opt(0.25, "RandomResizedCrop smallest area fraction (0.08 in ImageNet recipes)")
+    epochs: int = _opt(10, "number of epochs (ignored when --max-steps is set)", valid=AT_LEAST_0)
+    max_steps: int = _opt(0, "stop after this many optimizer steps in total (0: --epochs worth)", valid=AT_LEAST_0)
+    batch_size: int = _opt(64, "images per GPU/process per micro-batch", valid=AT_LEAST_1)
+    accum_steps: int = _opt(1, "gradient accumulation: micro-batches per optimizer step", valid=AT_LEAST_1)
+    optimizer: str = _opt("sgd", "sgd (Nesterov momentum) or adamw", choices=("sgd", "adamw"))
+    lr: float = _opt(0.0, "peak learning rate; 0 = base lr scaled by global batch (sgd 0.1, adamw 1e-3 per 256)",
+                     valid=AT_LEAST_0)
+    weight_decay: float = _opt(5e-5, "weight decay (not applied to BatchNorm and biases)", valid=AT_LEAST_0)
+    warmup_steps: int = _opt(0, "linear warmup steps (0: about 3%% of the run, at least 1)", valid=AT_LEAST_0)
+    label_smoothing: float = _opt(0.1, "cross-entropy label smoothing", valid=("in [0, 1)", lambda v: 0 <= v < 1))
+    clip_grad_norm: float = _opt(0.0, "clip the global gradient norm to this before each step (0: off; 1.0 is "
+                                      "common)", valid=AT_LEAST_0)
+    ema_decay: float = _opt(0.0, "EMA of the weights (e.g. 0.999); 0 disables; evaluation uses the EMA weights",
+                            valid=("in [0, 1) (0: off)", lambda v: 0 <= v < 1))
+    min_crop_scale: float = _opt(0.25, "RandomResizedCrop smallest area fraction (0.08 in ImageNet recipes)",
+                                 valid=("in (0, 1]", lambda v: 0 < v <= 1))
     # speed
-    precision: str = _opt("auto", "auto | bf16 | fp16 | fp32 (auto: bf16 on bf16 GPUs, fp16 on older ones; on CPUs "
-                                  "bf16 with AVX512-BF16/AMX units, else fp32)")
+    precision: str = _opt("auto", "auto: bf16 on bf16 GPUs, fp16 on older ones; on CPUs bf16 with AVX512-BF16/AMX "
+                                  "units, else fp32", choices=("auto", "bf16", "fp16", "fp32"))
     compile: bool = _opt(False, "torch.compile the model")
-    channels_last: str = _opt("auto", "auto | on | off (auto: on)")
+    channels_last: str = _opt("auto", "channels_last memory format (auto: on)", choices=("auto", "on", "off"))
     sync_bn: bool = _opt(False, "SyncBatchNorm across GPUs (CUDA only)")
     workers: int = _opt(-1, "DataLoader worker processes per rank (-1: auto: on a GPU the rank's share of the CPU "
-                            "cores less one, at most 8; on a CPU 4)")
+                            "cores less one, at most 8; on a CPU 4)",
+                        valid=("-1 (auto), 0 (load in the training process) or more", lambda v: v >= -1))
     decode: str = _opt("workers", "where training JPEGs are decoded and augmented: workers (DataLoader processes, on "
-                                  "CPU cores) | device (nvJPEG on the GPU; the workers read shards and draw crops)")
+                                  "CPU cores) or device (nvJPEG on the GPU; the workers read shards and draw crops)",
+                       choices=("workers", "device"))
     synthetic: bool = _opt(False, "benchmark: train on one fixed random batch in memory instead of the shards")
-    shuffle_buffer: int = _opt(1000, "samples in each worker's shuffle buffer")
+    shuffle_buffer: int = _opt(1000, "samples in each worker's shuffle buffer", valid=AT_LEAST_0)
     # bookkeeping
     seed: int = _opt(0, "seed for weights init, shard order, shuffling and augmentation")
-    log_every: int = _opt(20, "console / metrics.jsonl line every N optimizer steps")
-    eval_every: int = _opt(1, "validate every N epochs (and at the end)")
-    checkpoint_every: int = _opt(500, "save RUN/checkpoints/latest.pt every N optimizer steps (and at epoch ends)")
-    keep_checkpoints: int = _opt(3, "keep the last K step checkpoints besides latest.pt and best.pt")
-    wandb: str = _opt("offline", "offline | online | disabled")
+    log_every: int = _opt(20, "console / metrics.jsonl line every N optimizer steps", valid=AT_LEAST_1)
+    eval_every: int = _opt(1, "validate every N epochs (and at the end)", valid=AT_LEAST_1)
+    checkpoint_every: int = _opt(500, "save RUN/checkpoints/latest.pt every N optimizer steps (and at epoch ends)",
+                                 valid=AT_LEAST_1)
+    keep_checkpoints: int = _opt(3, "keep the last K step checkpoints besides latest.pt and best.pt",
+                                 valid=AT_LEAST_0)
+    wandb: str = _opt("offline", "W&B mode", choices=("offline", "online", "disabled"))
     wandb_project: str = _opt("distributed-train", "W&B project name")
-    on_shard_error: str = _opt("fail", "fail | skip: what to do with a shard that cannot be read after retries")
+    on_shard_error: str = _opt("fail", "what to do with a shard that cannot be read after retries",
+                               choices=("fail", "skip"))
     verify_shards: bool = _opt(False, "check each shard's sha256 from the manifest while streaming")
     record_samples: bool = _opt(False, "audit: each rank writes the keys it trained on to RUN/samples/")
 
     def validate(self) -> None:
+        """Raise UsageError naming every setting that cannot be used (the same rules as the command line's)."""
         problems = []
-        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
-            problems.append(f"--precision {self.precision!r}: use auto, bf16, fp16 or fp32")
-        if self.optimizer not in ("sgd", "adamw"):
-            problems.append(f"--optimizer {self.optimizer!r}: use sgd or adamw")
-        if self.wandb not in ("offline", "online", "disabled"):
-            problems.append(f"--wandb {self.wandb!r}: use offline, online or disabled")
-        if self.channels_last not in ("auto", "on", "off"):
-            problems.append(f"--channels-last {self.channels_last!r}: use auto, on or off")
-        if self.decode not in ("workers", "device"):
-            problems.append(f"--decode {self.decode!r}: use workers or device")
-        if self.on_shard_error not in ("fail", "skip"):
-            problems.append(f"--on-shard-error {self.on_shard_error!r}: use fail or skip")
-        if self.clip_grad_norm < 0:
-            problems.append("--clip-grad-norm must be 0 (off) or more")
-        from distributed_train.model import ARCHS  # here, not at the top: `--help` must not wait for torch
-
-        if self.arch not in ARCHS:
-            problems.append(f"--arch {self.arch!r}: use one of {', '.join(ARCHS)}")
-        if self.width <= 0:
-            problems.append("--width must be positive")
-        if not 0 < self.min_crop_scale <= 1:
-            problems.append("--min-crop-scale must be in (0, 1]")
-        if not 0 <= self.label_smoothing < 1:
-            problems.append("--label-smoothing must be in [0, 1)")
-        if not 0 <= self.ema_decay < 1:
-            problems.append("--ema-decay must be in [0, 1) (0: off)")
-        for name in ("lr", "weight_decay", "warmup_steps", "max_steps", "keep_checkpoints", "shuffle_buffer"):
-            if getattr(self, name) < 0:
-                problems.append(f"--{name.replace('_', '-')} must not be negative")
+        for f in dataclasses.fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if meta["choices"] and value not in meta["choices"]:
+                problems.append(f"{flag(f.name)} {value!r}: use {', '.join(meta['choices'])}")
+            if meta["valid"] and not meta["valid"][1](value):
+                problems.append(f"{flag(f.name)} must be {meta['valid'][0]}")
+        if self.epochs < 1 and self.max_steps < 1:
+            problems.append("give --epochs or --max-steps (at least 1)")
         if self.init_from and not os.path.isfile(self.init_from):
             problems.append(f"--init-from {self.init_from}: no such file")
         if os.path.exists(self.run_dir) and not os.path.isdir(self.run_dir):
             problems.append(f"--run-dir {self.run_dir} exists and is not a folder")
-        if self.workers < -1:
-            problems.append("--workers must be -1 (auto), 0 (load in the training process) or more")
-        for name in ("batch_size", "accum_steps", "image_size", "log_every", "eval_every", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                problems.append(f"--{name.replace('_', '-')} must be at least 1")
-        if self.epochs < 1 and self.max_steps < 1:
-            problems.append("give --epochs or --max-steps (at least 1)")
         if problems:
-            raise SystemExit("distributed_train: " + "; ".join(problems))
+            raise UsageError("; ".join(problems))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-    def save(self, path: str) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
@@ -121,33 +111,96 @@ class Config:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def int_at_least(minimum: int):
-    """An argparse type: an integer >= minimum, else argparse's own one-line usage error."""
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+# ---- auto values -----------------------------------------------------------------------------------------------------
+def resolve(cfg: Config, *, device, world_size: int, local_ranks: int, train_samples: int) -> Config:
+    """The same settings with every auto value made concrete for this job (device, world size, dataset)."""
+    from distributed_train.data import train_batches_per_rank
+
+    workers = cfg.workers if cfg.workers >= 0 else auto_workers(device, available_cores(), local_ranks)
+    global_batch = cfg.batch_size * world_size * cfg.accum_steps
+    lr = cfg.lr or (0.1 if cfg.optimizer == "sgd" else 1e-3) * global_batch / 256  # the linear scaling rule
+    steps_per_epoch = train_batches_per_rank(train_samples, world_size, cfg.batch_size, cfg.accum_steps) \
+        // cfg.accum_steps
+    max_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    return dataclasses.replace(
+        cfg, workers=workers, lr=lr, max_steps=max_steps,
+        warmup_steps=cfg.warmup_steps or max(1, round(0.03 * max_steps)),
+        precision=resolve_precision(cfg.precision, device),
+        # channels_last suits tensor cores and oneDNN's CPU convolutions alike
+        channels_last="off" if cfg.channels_last == "off" else "on")
+
+
+def resolve_precision(precision: str, device) -> str:
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    # CPUs without bf16 units emulate it, many times slower than fp32; with AVX512-BF16 or AMX it is faster.
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:  # not Linux
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def auto_workers(device, cores: int, local_ranks: int) -> int:
+    """--workers -1. A GPU needs every core it can get for decoding, less one for the training loop (at most 8, where
+    more stop paying off); on a CPU the cores are better spent on the model (see train.configure_torch)."""
+    if device.type != "cuda":
+        return 4
+    return max(1, min(8, cores // local_ranks - 1))
+
+
+def available_cores() -> int:
+    """Cores this process may run on (SLURM and containers restrict the affinity mask, not os.cpu_count())."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+# ---- command line --------------------------------------------------------------------------------------------------
+def checked(parse, valid: tuple | None):
+    """An argparse type: `parse`, then the field's `valid` rule, else argparse's own one-line usage error."""
+    if valid is None:
+        return parse
+
+    def parse_checked(text: str):
+        value = parse(text)
+        if not valid[1](value):
+            raise argparse.ArgumentTypeError(f"must be {valid[0]}, got {text}")
         return value
-    return parse
+    return parse_checked
+
+
+def int_at_least(minimum: int):
+    """An argparse type: an integer >= minimum."""
+    return checked(int, (f"at least {minimum}", lambda v: v >= minimum))
 
 
 def build_parser(prog: str = "python -m distributed_train") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Train a bottleneck ResNet on shards made by shard_tools.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        meta = dict(f.metadata)
+        meta = f.metadata
         if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
-        else:
-            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            p.add_argument(flag, type=typ, default=None if meta.get("required") else f.default,
-                           required=meta.get("required", False), help=meta["help"])
+            p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
+            continue
+        parse = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+        p.add_argument(flag(f.name), type=checked(parse, meta["valid"]), choices=meta["choices"],
+                       default=None if meta.get("required") else f.default, required=meta.get("required", False),
+                       help=meta["help"])
     return p
 
 
 def parse_args(argv=None) -> Config:
     args = build_parser().parse_args(argv)
-    cfg = Config(**vars(args))
-    cfg.validate()
-    return cfg
+    return Config(**vars(args))

@@ -28,8 +28,10 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
 from distributed_train.device_decode import UnreadableJPEG, pack_jpegs
-from shard_tools.manifest import Manifest
-from shard_tools.remote import ShardReadError, damaged_sample, iter_shard_samples, redact
+from shard_tools.errors import ShardReadError, damaged_sample
+from shard_tools.manifest import Manifest, ShardInfo
+from shard_tools.shard_reader import iter_shard_samples
+from shard_tools.redaction import redact
 
 # torchvision 0.29 deprecates torchvision.io's decoders in favour of TorchCodec, which is not a dependency here.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities", category=DeprecationWarning)
@@ -39,27 +41,32 @@ EVAL_RESIZE_RATIO = 0.875  # resize to size/0.875 then centre-crop `size`, as to
 
 @dataclass(frozen=True)
 class Piece:
-    """Samples [start, stop) of one shard of `size` samples, in the order they are stored."""
+    """Samples [start, stop) of one shard, in the order they are stored."""
 
     url: str
     start: int
     stop: int
-    size: int
+    shard: ShardInfo
+
+    @property
+    def whole(self) -> bool:
+        return self.start == 0 and self.stop == self.shard.num_samples
 
 
 # ---- which samples each (rank, worker) slot reads ------------------------------------------------------------------
-def cut_ranges(shards: list[tuple[str, int]], lengths: list[int]) -> list[list[Piece]]:
+def cut_ranges(shards: list[tuple[str, ShardInfo]], lengths: list[int]) -> list[list[Piece]]:
     """Consecutive ranges of the concatenated shards, one per entry of `lengths`, wrapping around at the end."""
-    if sum(n for _, n in shards) == 0:
+    if sum(shard.num_samples for _, shard in shards) == 0:
         raise ValueError("the split has no samples")
     slots, si, offset = [], 0, 0
     for length in lengths:
         pieces = []
         while length > 0:
-            url, n = shards[si]
+            url, shard = shards[si]
+            n = shard.num_samples
             take = min(length, n - offset)
             if take > 0:
-                pieces.append(Piece(url, offset, offset + take, n))
+                pieces.append(Piece(url, offset, offset + take, shard))
             length, offset = length - take, offset + take
             if offset >= n:
                 si, offset = (si + 1) % len(shards), 0
@@ -82,8 +89,8 @@ def batches_before(consumed: int, worker: int, num_workers: int) -> int:
     return consumed // num_workers + (worker < consumed % num_workers)
 
 
-def epoch_shards(manifest: Manifest, location: str, split: str, seed: int, epoch: int, shuffle: bool):
-    shards = list(zip(manifest.shard_urls(location, split), (s.num_samples for s in manifest.split(split).shards)))
+def epoch_shards(manifest: Manifest, split: str, seed: int, epoch: int, shuffle: bool) -> list[tuple[str, ShardInfo]]:
+    shards = [(manifest.shard_url(shard), shard) for shard in manifest.split(split).shards]
     if shuffle:
         random.Random(f"shards-{seed}-{epoch}").shuffle(shards)
     return shards
@@ -92,17 +99,16 @@ def epoch_shards(manifest: Manifest, location: str, split: str, seed: int, epoch
 # ---- one slot's stream ---------------------------------------------------------------------------------------------
 @dataclass
 class PieceReader:
-    """Reads a Piece from a local file, http(s) or s3 (shard_tools.remote), retrying failed downloads; a shard that
-    still fails is skipped and counted, or raises (`on_error`). With `sha256` (url -> digest, --verify-shards), a
-    piece that covers a whole shard is checked against the manifest while it streams."""
+    """Reads a Piece from a local file, http(s) or s3 (shard_tools.shard_reader), retrying failed downloads; a shard
+    that still fails is skipped and counted, or raises (`on_error`). With `verify` (--verify-shards), a piece that
+    covers a whole shard is checked against the manifest's sha256 while it streams."""
 
     on_error: str = "fail"
-    sha256: dict | None = None
+    verify: bool = False
     skipped: Any = None  # a multiprocessing.Value shared with the DataLoader workers
 
     def __call__(self, piece: Piece) -> Iterator[dict]:
-        whole = piece.start == 0 and piece.stop == piece.size
-        digest = self.sha256.get(piece.url) if self.sha256 and whole else None
+        digest = piece.shard.sha256 if self.verify and piece.whole else None
         return iter_shard_samples(piece.url, start=piece.start, stop=piece.stop, on_error=self.on_error,
                                   verify_sha256=digest, skip_counter=self.skipped)
 
@@ -210,7 +216,7 @@ def _loader(stream: SlotStream, workers: int, pin_memory: bool) -> DataLoader:
                       prefetch_factor=4 if workers else None, persistent_workers=False)
 
 
-def train_loader(manifest: Manifest, location: str, *, rank: int, world_size: int, batch_size: int, accum_steps: int,
+def train_loader(manifest: Manifest, *, rank: int, world_size: int, batch_size: int, accum_steps: int,
                  image_size: int, workers: int, seed: int, epoch: int, skip_batches: int = 0,
                  min_crop_scale: float = 0.25, shuffle_buffer: int = 1000, pin_memory: bool = False,
                  read_piece=PieceReader(), decode_on_device: bool = False) -> tuple[DataLoader, int]:
@@ -220,7 +226,7 @@ def train_loader(manifest: Manifest, location: str, *, rank: int, world_size: in
     steps = train_batches_per_rank(split.num_samples, world_size, batch_size, accum_steps)
     slots_per_rank = max(1, workers)
     per_worker = [b * batch_size for b in even_split(steps, slots_per_rank)]
-    slots = cut_ranges(epoch_shards(manifest, location, "train", seed, epoch, shuffle=True), per_worker * world_size)
+    slots = cut_ranges(epoch_shards(manifest, "train", seed, epoch, shuffle=True), per_worker * world_size)
     mine = slots[rank * slots_per_rank:(rank + 1) * slots_per_rank]
     stream = SlotStream(mine, per_worker, Preprocess(True, image_size, min_crop_scale), batch_size, train=True,
                         seed=(seed, epoch, rank), shuffle_buffer=shuffle_buffer, skip_batches=skip_batches,
@@ -228,13 +234,13 @@ def train_loader(manifest: Manifest, location: str, *, rank: int, world_size: in
     return _loader(stream, workers, pin_memory), steps - skip_batches
 
 
-def eval_loader(manifest: Manifest, location: str, split: str, *, rank: int, world_size: int, batch_size: int,
+def eval_loader(manifest: Manifest, split: str, *, rank: int, world_size: int, batch_size: int,
                 image_size: int, workers: int, pin_memory: bool = False, read_piece=PieceReader()) -> DataLoader:
     """Every sample of `split` exactly once across all ranks and workers; ranks may get different batch counts."""
     slots_per_rank = max(1, workers)
     num_samples = manifest.split(split).num_samples
     counts = even_split(num_samples, world_size * slots_per_rank)
-    slots = cut_ranges(epoch_shards(manifest, location, split, 0, 0, shuffle=False), counts)
+    slots = cut_ranges(epoch_shards(manifest, split, 0, 0, shuffle=False), counts)
     lo, hi = rank * slots_per_rank, (rank + 1) * slots_per_rank
     stream = SlotStream(slots[lo:hi], counts[lo:hi], Preprocess(False, image_size), batch_size, train=False,
                         seed=(0,), read_piece=read_piece)

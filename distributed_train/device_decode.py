@@ -4,9 +4,8 @@ The workers then read the shards, draw each image's crop and flip, and send each
 (`EncodedBatch`), decoding nothing; the training
 process decodes the whole batch at once with nvJPEG (`torchvision.io.decode_jpeg(list, device="cuda")`, which uses
 the GPU's hardware JPEG engines where it has them) and crops, resizes and flips on the GPU, a batch ahead on a
-background thread. For GPUs with few CPU cores each. Measured on an H200 (BENCHMARKS.md): nvJPEG decodes a batch of
-256 in 7.6 ms, but the per-image crops, launched from Python, cost ~30 ms of host time per batch, so this path
-trains at ~0.63x the speed of decoding in 6 or more workers. On a CPU-only run the same code decodes in the
+background thread. For GPUs with few CPU cores each; the crops are still launched image by image from Python, which
+costs host time per batch (BENCHMARKS.md has the measurements). On a CPU-only run the same code decodes in the
 training process (for tests, not for speed).
 
 The augmentation is the workers' (RandomResizedCrop + horizontal flip, same parameters), drawn in the worker from
@@ -26,7 +25,7 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from shard_tools.remote import damaged_sample
+from shard_tools.errors import damaged_sample
 
 ASPECT_RATIOS = (3 / 4, 4 / 3)  # RandomResizedCrop's default, as in the workers' path
 

@@ -13,6 +13,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from shard_tools.errors import Error, one_line
+
 
 @dataclass
 class DistContext:
@@ -67,10 +69,26 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def peer_lost(error: BaseException) -> bool:
-    """gloo's error in a collective whose peer process has exited. That rank printed its own error: the ranks left
-    waiting for it should say so in a line, not in a page of traceback that buries the cause."""
-    return any(lost in str(error) for lost in ("Connection closed by peer", "Connection reset by peer"))
+class PeerLost(Error):
+    """A collective failed because another rank's process has exited. That rank printed its own error: the ranks
+    left waiting for it say so in a line, not in a page of traceback that buries the cause."""
+
+
+class WorkerDied(Error):
+    """A DataLoader worker process was killed, most often by the kernel's OOM killer."""
+
+
+def job_error(error: RuntimeError, rank: int) -> Error | None:
+    """The typed error for a RuntimeError that torch raises without a type of its own (gloo's lost peer, a dead
+    DataLoader worker), recognised by its text; None for any other RuntimeError, which is a bug to show whole."""
+    text = str(error)
+    if "Connection closed by peer" in text or "Connection reset by peer" in text:
+        return PeerLost(f"rank {rank} stops: another rank left the job (its error is printed above)")
+    if "DataLoader worker (pid" in text:
+        return WorkerDied(f"{one_line(error)}: if the node ran out of memory (`dmesg`, SLURM's `seff`), use fewer "
+                          "--workers, a smaller --batch-size or --shuffle-buffer; starting again with the same "
+                          "--run-dir resumes from the last checkpoint")
+    return None
 
 
 def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:

@@ -7,9 +7,9 @@ import torch
 
 
 class WeightEMA(torch.nn.Module):
-    """EMA of a model's parameters and buffers, with timm's decay warmup: the decay after n updates is
-    min(decay, (1 + n) / (10 + n)). A fixed 0.999 would keep ~37% of the random initial weights after 1,000 steps,
-    which ruins short runs.
+    """EMA of a model's parameters and buffers, with TensorFlow's ExponentialMovingAverage(num_updates=n) warmup:
+    the decay after n updates is min(decay, (1 + n) / (10 + n)), so the random initial weights fade out of short runs
+    instead of dominating them (a fixed 0.999 keeps e^-1 of them after 1,000 steps).
 
     Its state_dict is torch.optim.swa_utils.AveragedModel's (`module.*` and `n_averaged`), so checkpoints read the
     same. Unlike AveragedModel, which compares its device-resident update count with 0 twice per update (two host

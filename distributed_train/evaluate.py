@@ -18,6 +18,9 @@ import torch.nn.functional as F
 from distributed_train import dist
 from distributed_train.config import int_at_least
 from distributed_train.data import eval_loader, normalize, stats_tensors
+from shard_tools.cli import run_main
+from shard_tools.errors import UsageError
+from shard_tools.manifest import Manifest
 
 
 @torch.no_grad()
@@ -70,11 +73,6 @@ def format_report(result: dict, class_names: list[str]) -> str:
 
 
 def main(argv=None) -> int:
-    from distributed_train.checkpoint import load
-    from distributed_train.checkpoint import model_from_checkpoint
-    from shard_tools.manifest import Manifest, ManifestError
-    from shard_tools.remote import ShardReadError, error_line
-
     p = argparse.ArgumentParser(prog="python -m distributed_train.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True, help="dataset folder or URL holding manifest.json")
@@ -84,47 +82,42 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--confusion-png", default="", help="also write the confusion matrix as a PNG here")
     args = p.parse_args(argv)
+    return run_main("evaluate", lambda: run(args))
 
+
+def run(args) -> int:
     ctx = dist.setup()
     try:
-        ckpt = load(args.checkpoint)
-        model, info = model_from_checkpoint(ckpt, ctx.device)
-        try:
-            manifest = Manifest.read(args.data)
-            manifest.split(args.split)  # a split the dataset lacks is named here, not deep in the loader
-        except ManifestError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        if manifest.classes != info["classes"]:
-            print(f"error: the checkpoint was trained on classes {info['classes']} but {args.data} has "
-                  f"{manifest.classes}", file=sys.stderr)
-            return 2
-        mean, std = stats_tensors(info["mean"], info["std"], ctx.device)  # the stats the model was trained with
-        loader = eval_loader(manifest, args.data, args.split, rank=ctx.rank, world_size=ctx.world_size,
-                             batch_size=args.batch_size, image_size=info["image_size"], workers=args.workers)
-        try:
-            result = evaluate(model, loader, manifest.num_classes, ctx.device, mean, std)
-        except ShardReadError as e:
-            print(f"error: {error_line(e)}", file=sys.stderr)
-            return 3
-        except RuntimeError as e:
-            if not dist.peer_lost(e):
-                raise
-            print(f"error: rank {ctx.rank} stops: another rank left the job (its error is printed above)",
-                  file=sys.stderr)
-            return 1
-        if ctx.is_main:
-            if args.confusion_png:
-                from distributed_train.plots import plot_confusion_matrix
-
-                plot_confusion_matrix(result["confusion"], manifest.classes, args.confusion_png)
-            if args.json:
-                print(json.dumps({"split": args.split, "classes": manifest.classes, **result}))
-            else:
-                print(format_report(result, manifest.classes))
-        return 0
+        result, classes = evaluate_checkpoint(args.checkpoint, args.data, args.split, ctx, args.batch_size,
+                                              args.workers)
+    except RuntimeError as e:
+        raise dist.job_error(e, ctx.rank) or e
     finally:
         dist.teardown()
+    if ctx.is_main:
+        if args.confusion_png:
+            from distributed_train.plots import plot_confusion_matrix
+
+            plot_confusion_matrix(result["confusion"], classes, args.confusion_png)
+        print(json.dumps({"split": args.split, "classes": classes, **result}) if args.json
+              else format_report(result, classes))
+    return 0
+
+
+def evaluate_checkpoint(path: str, data: str, split: str, ctx: dist.DistContext, batch_size: int,
+                        workers: int) -> tuple[dict, list[str]]:
+    """Evaluate a checkpoint's inference weights on one split of a dataset, every sample once across the ranks."""
+    from distributed_train.checkpoint import load, model_from_checkpoint
+
+    model, info = model_from_checkpoint(load(path), ctx.device)
+    manifest = Manifest.read(data)
+    manifest.split(split)  # a split the dataset lacks is named here, not deep in the loader
+    if manifest.classes != info["classes"]:
+        raise UsageError(f"the checkpoint was trained on classes {info['classes']} but {data} has {manifest.classes}")
+    mean, std = stats_tensors(info["mean"], info["std"], ctx.device)  # the stats the model was trained with
+    loader = eval_loader(manifest, split, rank=ctx.rank, world_size=ctx.world_size, batch_size=batch_size,
+                         image_size=info["image_size"], workers=workers)
+    return evaluate(model, loader, manifest.num_classes, ctx.device, mean, std), manifest.classes
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ import time
 
 import numpy as np
 
+from shard_tools.errors import UsageError, one_line
+
 
 class Logger:
     def __init__(self, run_dir: str, enabled: bool, wandb_mode: str = "disabled", wandb_project: str = "",
@@ -30,8 +32,7 @@ class Logger:
                 self.wandb = wandb.init(project=wandb_project, dir=run_dir, mode=wandb_mode, config=config,
                                         id=wandb_id, resume="allow", name=os.path.basename(os.path.abspath(run_dir)))
             except wandb.errors.Error as e:  # no login, no network, no such entity...: before any step is spent
-                reason = (str(e).strip().splitlines() or [""])[0]
-                raise SystemExit(f"W&B ({wandb_mode}): {reason} For --wandb online, run `wandb login` or set "
+                raise UsageError(f"W&B ({wandb_mode}): {one_line(e)} For --wandb online, run `wandb login` or set "
                                  "WANDB_API_KEY; or train with --wandb offline and upload later with `wandb sync`.")
             self.wandb_id = self.wandb.id
 
@@ -79,6 +80,13 @@ class Logger:
             self.wandb.log({f"{prefix}/confusion_matrix": wandb.plot.confusion_matrix(
                 y_true=y_true, preds=preds, class_names=class_names),
                 f"{prefix}/confusion_matrix_png": wandb.Image(png_path)}, step=step)
+
+    def log_per_class(self, accuracies: list[float | None], class_names: list[str], step: int,
+                      prefix: str = "val") -> None:
+        """Per-class accuracy as W&B scalars (metrics.jsonl has them in the validation record already)."""
+        if self.enabled and self.wandb is not None:
+            self.wandb.log({f"{prefix}/acc_{name}": acc for name, acc in zip(class_names, accuracies)
+                            if acc is not None}, step=step)
 
     def close(self, exit_code: int = 0) -> None:
         """`exit_code`: the trainer's own, recorded in the W&B run (non-zero: diverged or preempted)."""

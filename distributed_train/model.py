@@ -52,8 +52,8 @@ class Bottleneck(nn.Module):
         self.conv3 = conv1x1(width, out_channels)
         self.bn3 = nn.BatchNorm2d(out_channels)
         self.relu = nn.ReLU(inplace=True)
-        # Projection only where the identity cannot be added as is (new channel count or resolution):
-        # each block owns its own, unlike the seed, which shared one module across a stage.
+        # Projection only where the identity cannot be added as is (new channel count or resolution); each block
+        # owns its own, since a module shared across blocks would share (and wrongly co-train) its weights.
         self.downsample: nn.Module | None = None
         if stride != 1 or in_channels != out_channels:
             self.downsample = nn.Sequential(conv1x1(in_channels, out_channels, stride), nn.BatchNorm2d(out_channels))
@@ -88,8 +88,8 @@ class ResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
-        # Registered as attributes (nn.Sequential), never a plain list: the seed's list hid 99.9% of the
-        # parameters from .parameters(), .to(), state_dict() and DDP.
+        # Registered as attributes (nn.Sequential), never a plain list: a list hides its modules' parameters from
+        # .parameters(), .to(), state_dict() and DDP.
         in_channels = stem_channels
         widths = [scaled_channels(w, width) for w in STAGE_WIDTHS]
         self.layer1, in_channels = self._make_layer(in_channels, widths[0], blocks_per_stage[0], stride=1)

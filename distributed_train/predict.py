@@ -14,6 +14,8 @@ from torchvision.io import ImageReadMode, decode_image
 from distributed_train.checkpoint import load, model_from_checkpoint
 from distributed_train.config import int_at_least
 from distributed_train.data import Preprocess, normalize, stats_tensors
+from shard_tools.cli import run_main
+from shard_tools.errors import one_line
 
 
 class Classifier:
@@ -33,7 +35,7 @@ class Classifier:
         except OSError as e:
             raise ValueError(f"cannot read: {e.strerror or e}") from None
         except RuntimeError as e:
-            raise ValueError(f"not a readable image ({str(e).splitlines()[0]})") from None
+            raise ValueError(f"not a readable image ({one_line(e)})") from None
         return self.preprocess.transform(image)
 
     @torch.no_grad()
@@ -61,7 +63,10 @@ def main(argv=None) -> int:
     p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda, cuda:1, ...")
     args = p.parse_args(argv)
+    return run_main("predict", lambda: classify_files(args))
 
+
+def classify_files(args) -> int:
     classifier = Classifier(args.checkpoint, args.device)
     failed = 0
     for path in args.images:

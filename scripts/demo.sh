@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m distributed_train.demo --out demo_out "$@"
+exec .venv/bin/python -m mushroom_demo --out demo_out "$@"

@@ -16,14 +16,14 @@ import logging
 import os
 import sys
 
+from shard_tools.cli import run_main
 from shard_tools.images import DEFAULT_MAX_PIXELS
-from shard_tools.labels import LabelsError
-from shard_tools.manifest import Manifest, ManifestError
+from shard_tools.manifest import Manifest
 from shard_tools.plan import BuildError, BuildSettings
-from shard_tools.remote import is_remote
 from shard_tools.split import DEFAULT_MAX_DISTANCE
+from shard_tools.redaction import redact
+from shard_tools.transport import is_url
 
-EXIT_BAD_INPUT = 2  # the input cannot be used at all (missing folder, empty CSV, ...), or bad arguments
 EXIT_PROBLEMS = 1  # the command ran but found problems (--strict skips, verify failures)
 
 
@@ -108,7 +108,7 @@ def run(args) -> int:
         missing = [f"--{a}" for a in ("images", "labels", "out") if getattr(args, a) is None]
         if missing:
             raise BuildError(f"build needs {', '.join(missing)} (or --plan and --slice)")
-        if is_remote(args.out):
+        if is_url(args.out):
             return build_and_upload(args)
         m = build.build(_settings(args), args.out, workers=args.workers, overwrite=args.overwrite,
                         progress=not args.no_progress)
@@ -140,16 +140,12 @@ def run(args) -> int:
 
 
 def upload(args) -> int:
-    from shard_tools import remote
+    from shard_tools import upload
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    remote.log.setLevel(logging.INFO)  # our "uploaded NAME" lines, not botocore's chatter
-    try:
-        order = remote.upload_dataset(args.out, args.dest, overwrite=args.overwrite)
-    except (OSError, ValueError) as e:  # ManifestError is a ValueError
-        print(f"error: {remote.redact(str(e))}", file=sys.stderr)
-        return EXIT_PROBLEMS
-    print(f"uploaded {len(order)} files to {remote.redact(args.dest)} (manifest.json last)")
+    upload.log.setLevel(logging.INFO)  # our "uploaded NAME" lines, not botocore's chatter
+    order = upload.upload_dataset(args.out, args.dest, overwrite=args.overwrite)
+    print(f"uploaded {len(order)} files to {redact(args.dest)} (manifest.json last)")
     return 0
 
 
@@ -158,29 +154,20 @@ def build_and_upload(args) -> int:
     so readers of the bucket never see a half-written dataset."""
     import tempfile
 
-    from shard_tools import build, remote
+    from shard_tools import build
+    from shard_tools.upload import upload_dataset
 
     with tempfile.TemporaryDirectory(prefix="shard_tools-") as local:
         m = build.build(_settings(args), local, workers=args.workers, overwrite=True, progress=not args.no_progress)
         code = _report(m, local, args.strict)
-        try:
-            remote.upload_dataset(local, args.out, overwrite=args.overwrite)
-        except (OSError, ValueError) as e:
-            raise BuildError(f"upload to {remote.redact(args.out)} failed: {e}") from None
-        print(f"uploaded to {remote.redact(args.out)}")
+        upload_dataset(local, args.out, overwrite=args.overwrite)
+        print(f"uploaded to {redact(args.out)}")
         return code
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    try:
-        return run(args)
-    except (BuildError, LabelsError, ManifestError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("interrupted: no manifest was written for this run", file=sys.stderr)
-        return 130
+    return run_main("shard_tools", lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from shard_tools.encode import Chunk, encode_chunk, read_chunk
 from shard_tools.labels import Skipped, load_rows
-from shard_tools.manifest import MANIFEST_NAME, SPLITS, Manifest, ShardInfo, SplitInfo, write_json_atomic
+from shard_tools.fileio import write_json_atomic
+from shard_tools.manifest import MANIFEST_NAME, SPLITS, Manifest, ShardInfo, SplitInfo
 from shard_tools.plan import PLAN_DIR, BuildError, BuildSettings, Layout, ShardTask, WorkList, make_layout
 from shard_tools.pool import imap, worker_pool
 from shard_tools.writer import write_shard_job

@@ -12,6 +12,7 @@ import math
 import os
 from dataclasses import dataclass
 
+from shard_tools.fileio import atomic_write
 from shard_tools.images import SkipImage, prepare
 from shard_tools.stats import PixelSums
 
@@ -52,8 +53,7 @@ def chunk_rows(rows: list, num_rows: int) -> list[list]:
 def encode_chunk(chunk: Chunk) -> list[dict]:
     """Prepare every image of the chunk; -> one record per row (see the module docstring)."""
     records = []
-    partial = chunk.spool_path + ".partial"
-    with open(partial, "wb") as spool:
+    with atomic_write(chunk.spool_path) as spool:
         for row, image_id, label, path in chunk.rows:
             try:
                 image = prepare(path, chunk.size, chunk.quality, chunk.max_pixels)
@@ -68,12 +68,10 @@ def encode_chunk(chunk: Chunk) -> list[dict]:
                 "length": len(image.data), "pixels": sums.to_dict(),
             })
             spool.write(image.data)
-    os.replace(partial, chunk.spool_path)
     # The index goes last and atomically: it marks the chunk complete. No fsync (unlike the manifest): a chunk lost
     # in a machine crash is just encoded again, and 60 fsyncs cost more than the encoding on a busy disk.
-    with open(chunk.index_path + ".partial", "w", encoding="utf-8") as f:
+    with atomic_write(chunk.index_path, "w") as f:
         f.write(json.dumps(records))  # dumps uses the C encoder; dump(records, f) the pure-Python one
-    os.replace(chunk.index_path + ".partial", chunk.index_path)
     return records
 
 

@@ -17,10 +17,12 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from shard_tools.errors import UsageError
+
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".JPG", ".JPEG", ".PNG", ".WEBP")
 
 
-class LabelsError(ValueError):
+class LabelsError(UsageError, ValueError):
     """The CSV or images folder cannot be used at all; the message is one line saying what to do."""
 
 

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
+
+from shard_tools import transport
+from shard_tools.errors import UsageError
+from shard_tools.fileio import write_json_atomic
+from shard_tools.redaction import redact
 
 FORMAT = "shard_tools.manifest"
 VERSION = 1
@@ -19,7 +23,7 @@ MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "val")
 
 
-class ManifestError(ValueError):
+class ManifestError(UsageError, ValueError):
     """A manifest that is missing, unreadable or inconsistent: the message says which and what to do."""
 
 
@@ -57,6 +61,7 @@ class Manifest:
     source: dict = field(default_factory=dict)  # provenance: rows, written, skipped, seed, val_fraction, ...
     version: int = VERSION
     format: str = FORMAT
+    root: str = field(default="", repr=False, compare=False)  # the folder or URL it was read from; not stored
 
     @property
     def num_classes(self) -> int:
@@ -69,7 +74,9 @@ class Manifest:
 
     # --- serialisation -------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        del d["root"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "manifest") -> "Manifest":
@@ -137,35 +144,31 @@ class Manifest:
 
     @classmethod
     def read(cls, location: str) -> "Manifest":
-        """Read and validate the manifest of a dataset folder (or a path to manifest.json itself).
-
-        Remote locations (http(s)://, s3://, other fsspec URLs) go through `shard_tools.remote.read_bytes`.
-        """
+        """Read and validate the manifest of a dataset folder or URL (or a path to manifest.json itself)."""
         path = manifest_location(os.fspath(location))
         try:
-            if "://" in path:
-                from shard_tools.remote import read_bytes
-
-                text = read_bytes(path).decode("utf-8")
-            else:
-                with open(path, encoding="utf-8") as f:
-                    text = f.read()
+            text = transport.read_bytes(path).decode("utf-8")
         except FileNotFoundError:
             raise ManifestError(
-                f"no manifest at {path}: point --data at a folder made by `python -m shard_tools build`"
-            ) from None
+                f"no manifest at {redact(path)}: point --data at a folder made by `python -m shard_tools "
+                "build`") from None
         except OSError as e:
-            raise ManifestError(f"cannot read {path}: {e}") from None
+            raise ManifestError(f"cannot read {redact(path)}: {redact(str(e))}") from None
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
             raise ManifestError(f"{path}: not valid JSON ({e}); the build may have been interrupted, rebuild it") from None
-        return cls.from_dict(d, where=path)
+        manifest = cls.from_dict(d, where=path)
+        manifest.root = dataset_root(os.fspath(location))
+        return manifest
 
-    def shard_urls(self, location: str, split: str) -> list[str]:
+    def shard_url(self, shard: ShardInfo) -> str:
+        """Where a shard of this dataset is: next to the manifest it was read from."""
+        return transport.join(self.root, shard.name)
+
+    def shard_urls(self, split: str) -> list[str]:
         """Full path/URL of each shard of `split`, in manifest order."""
-        base = dataset_root(os.fspath(location))
-        return [join_location(base, sh.name) for sh in self.split(split).shards]
+        return [self.shard_url(sh) for sh in self.split(split).shards]
 
 
 def dataset_root(location: str) -> str:
@@ -175,28 +178,4 @@ def dataset_root(location: str) -> str:
 
 
 def manifest_location(location: str) -> str:
-    return join_location(dataset_root(location), MANIFEST_NAME)
-
-
-def join_location(base: str, name: str) -> str:
-    return f"{base}/{name}" if "://" in base else os.path.join(base, name)
-
-
-def write_json_atomic(path: str, obj) -> None:
-    """Write JSON to `path` so that readers see either the old file or the complete new one, never a partial one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600: others on a shared cluster must be able to read it
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    return transport.join(dataset_root(location), MANIFEST_NAME)

@@ -15,16 +15,18 @@ import numpy as np
 import pandas as pd
 
 from shard_tools.encode import Chunk, chunk_rows
+from shard_tools.errors import UsageError
 from shard_tools.images import DEFAULT_MAX_PIXELS
 from shard_tools.labels import Row, Skipped, class_order
-from shard_tools.manifest import SPLITS, write_json_atomic
+from shard_tools.fileio import write_json_atomic
+from shard_tools.manifest import SPLITS
 from shard_tools.split import DEFAULT_MAX_DISTANCE, assign_splits, count_duplicate_groups, group_near_duplicates
 from shard_tools.stats import PixelSums
 
 PLAN_DIR = "_plan"
 
 
-class BuildError(ValueError):
+class BuildError(UsageError, ValueError):
     """A build that cannot start or finish; the message is one line saying what to do."""
 
 

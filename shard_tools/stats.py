@@ -2,8 +2,8 @@
 
 Each worker keeps integer sums (pixel count, sum and sum of squares of the 0-255 values per channel). Integer
 addition is exact and associative, so the merged result is bit-identical whatever the number of workers, shards or
-SLURM slices, and the mean/std are computed once at the end in float64 from exact integers -- not averaged
-per image, as the seed notebook did (an average of per-image stds is not the dataset std).
+SLURM slices, and the mean/std are computed once at the end in float64 from exact integers -- never averaged per
+image (an average of per-image stds is not the dataset std).
 """
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
 """Check a built dataset against its manifest: every shard's bytes, sha256 and samples, every image decodes."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
@@ -9,12 +8,9 @@ import torch
 import webdataset as wds
 from torchvision.io import decode_jpeg  # the trainer's decoder (libjpeg-turbo), so "decodes" means the same thing
 
-from shard_tools.manifest import Manifest, ManifestError, dataset_root
-
-
-def file_sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+from shard_tools.errors import one_line
+from shard_tools.fileio import file_sha256
+from shard_tools.manifest import Manifest, ManifestError
 
 
 def verify_dataset(location: str) -> list[str]:
@@ -23,12 +19,11 @@ def verify_dataset(location: str) -> list[str]:
         manifest = Manifest.read(location)
     except ManifestError as e:
         return [str(e)]
-    root = dataset_root(location)
     problems, keys = [], set()
     for split_name, split in manifest.splits.items():
         counts = [0] * manifest.num_classes
         for shard in split.shards:
-            path = os.path.join(root, shard.name)
+            path = manifest.shard_url(shard)
             if not os.path.isfile(path):
                 problems.append(f"{shard.name}: missing")
                 continue
@@ -77,7 +72,7 @@ def _check_sample(sample: dict, manifest: Manifest, keys: set) -> str | None:
     try:
         image = decode_jpeg(torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8))
     except RuntimeError as e:
-        return f"jpg does not decode: {str(e).splitlines()[0]}"
+        return f"jpg does not decode: {one_line(e)}"
     if image.shape[0] != 3:
         return f"image has {image.shape[0]} channels, expected 3 (RGB)"
     if min(image.shape[1:]) > manifest.image_size:

@@ -6,7 +6,6 @@ to the disk.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tarfile
@@ -14,6 +13,7 @@ import tarfile
 import webdataset as wds
 
 from shard_tools.encode import spool_path
+from shard_tools.fileio import HashingStream, atomic_write
 from shard_tools.plan import ShardTask
 
 
@@ -22,28 +22,14 @@ def sample_key(row: int) -> str:
     return f"{row:09d}"
 
 
-class HashingFile:
-    """Write-only file that hashes the bytes passing through: the shard's sha256 without reading it back."""
-
-    def __init__(self, f):
-        self.f, self.sha256, self.bytes = f, hashlib.sha256(), 0
-
-    def write(self, data) -> int:
-        self.sha256.update(data)
-        self.bytes += len(data)
-        return self.f.write(data)
-
-
 def write_shard(task: ShardTask, out: str) -> tuple[str, int, str]:
     """-> (name, bytes, sha256)."""
-    final = os.path.join(out, task.name)
-    partial = os.path.join(out, f".{task.name}.partial")
     spools: dict[int, int] = {}  # chunk -> open file descriptor
     try:
         # mtime=0: identical inputs give byte-identical shards (same sha256) whenever and wherever they are built.
         # encoder=False: every value is already the bytes to store (webdataset's encoder would only re-check that).
-        with open(partial, "wb") as f:
-            shard = HashingFile(f)
+        with atomic_write(os.path.join(out, task.name)) as f:
+            shard = HashingStream(f)  # the shard's sha256 without reading it back
             with wds.TarWriter(shard, mtime=0.0, encoder=False) as sink:
                 # TarWriter documents USTAR as its default format but does not hand it to tarfile (PAX is used);
                 # plain USTAR headers are all a 9-digit key needs, and a third cheaper to write.
@@ -60,8 +46,7 @@ def write_shard(task: ShardTask, out: str) -> tuple[str, int, str]:
     finally:
         for fd in spools.values():
             os.close(fd)
-    os.replace(partial, final)
-    return task.name, shard.bytes, shard.sha256.hexdigest()
+    return task.name, shard.bytes, shard.hexdigest()
 
 
 def write_shard_job(args: tuple[ShardTask, str]) -> tuple[str, int, str]:

@@ -28,12 +28,12 @@ ddp = None
 if mode == "ddp":
     ddp = DDP(model)
     lo = ctx.rank * 4
-    forward_backward(ddp, ddp, x[lo:lo + 4], y[lo:lo + 4], accum_steps=1, sync=True, **run)
+    forward_backward(ddp, x[lo:lo + 4], y[lo:lo + 4], accum_steps=1, sync=True, **run)
 elif mode == "accum":
-    forward_backward(model, None, x[:4], y[:4], accum_steps=2, sync=False, **run)
-    forward_backward(model, None, x[4:], y[4:], accum_steps=2, sync=True, **run)
+    forward_backward(model, x[:4], y[:4], accum_steps=2, sync=False, **run)
+    forward_backward(model, x[4:], y[4:], accum_steps=2, sync=True, **run)
 else:
-    forward_backward(model, None, x, y, accum_steps=1, sync=True, **run)
+    forward_backward(model, x, y, accum_steps=1, sync=True, **run)
 
 if ctx.is_main:
     torch.save({n: p.grad for n, p in model.named_parameters()}, out)

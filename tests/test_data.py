@@ -11,14 +11,14 @@ import torch
 
 from distributed_train.data import (Piece, batches_before, cut_ranges, eval_loader, even_split,
                                     train_batches_per_rank, train_loader)
-from shard_tools.manifest import Manifest
-from shard_tools.remote import ShardReadError, error_line
+from shard_tools.manifest import Manifest, ShardInfo
+from shard_tools.errors import ShardReadError, one_line as error_line
 
 
 def epoch_keys(manifest, location, world_size, workers, batch_size=4, epoch=0, skip=0, image_size=24):
     per_rank = []
     for rank in range(world_size):
-        loader, steps = train_loader(manifest, str(location), rank=rank, world_size=world_size, batch_size=batch_size,
+        loader, steps = train_loader(manifest, rank=rank, world_size=world_size, batch_size=batch_size,
                                      accum_steps=1, image_size=image_size, workers=workers, seed=7, epoch=epoch,
                                      skip_batches=skip, shuffle_buffer=16)
         batches = list(loader)
@@ -77,26 +77,31 @@ def test_validation_reads_every_sample_exactly_once(uneven_shards, world_size, w
     manifest = Manifest.read(str(uneven_shards))
     keys = []
     for rank in range(world_size):
-        loader = eval_loader(manifest, str(uneven_shards), "val", rank=rank, world_size=world_size, batch_size=4,
+        loader = eval_loader(manifest, "val", rank=rank, world_size=world_size, batch_size=4,
                              image_size=24, workers=workers)
         keys += [k for _, _, ks in loader for k in ks]
     assert sorted(keys) == sorted(set(keys))
     assert len(keys) == 31
 
 
+def shard_list(*sizes: tuple[str, int]) -> list[tuple[str, ShardInfo]]:
+    return [(name, ShardInfo(name, n, 0, "")) for name, n in sizes]
+
+
 def test_tiny_dataset_wraps_around_so_every_rank_still_steps():
-    shards = [("a.tar", 3), ("b.tar", 2)]
+    shards = shard_list(("a.tar", 3), ("b.tar", 2))
+    a, b = (info for _, info in shards)
     slots = cut_ranges(shards, [4, 4])
-    assert slots == [[Piece("a.tar", 0, 3, 3), Piece("b.tar", 0, 1, 2)],
-                     [Piece("b.tar", 1, 2, 2), Piece("a.tar", 0, 3, 3)]]
+    assert slots == [[Piece("a.tar", 0, 3, a), Piece("b.tar", 0, 1, b)],
+                     [Piece("b.tar", 1, 2, b), Piece("a.tar", 0, 3, a)]]
     assert train_batches_per_rank(5, world_size=4, batch_size=8) == 1
 
 
 def test_cut_ranges_skips_empty_shards_and_covers_everything_once():
-    shards = [("a", 5), ("empty", 0), ("b", 1), ("c", 7)]
+    shards = shard_list(("a", 5), ("empty", 0), ("b", 1), ("c", 7))
     slots = cut_ranges(shards, even_split(13, 4))
     covered = [(p.url, i) for pieces in slots for p in pieces for i in range(p.start, p.stop)]
-    assert sorted(covered) == sorted([(u, i) for u, n in shards for i in range(n)])
+    assert sorted(covered) == sorted([(u, i) for u, info in shards for i in range(info.num_samples)])
     assert [sum(p.stop - p.start for p in pieces) for pieces in slots] == [4, 3, 3, 3]
 
 
@@ -110,9 +115,9 @@ def test_round_robin_bookkeeping():
 def test_an_undecodable_sample_is_named_with_its_shard(damaged_shards, workers):
     """Bit rot inside a shard: training and evaluation stop with the sample's key, the shard and what to run."""
     manifest = Manifest.read(str(damaged_shards))
-    train, _ = train_loader(manifest, str(damaged_shards), rank=0, world_size=1, batch_size=4, accum_steps=1,
+    train, _ = train_loader(manifest, rank=0, world_size=1, batch_size=4, accum_steps=1,
                             image_size=24, workers=workers, seed=0, epoch=0)
-    val = eval_loader(manifest, str(damaged_shards), "val", rank=0, world_size=1, batch_size=4, image_size=24,
+    val = eval_loader(manifest, "val", rank=0, world_size=1, batch_size=4, image_size=24,
                       workers=workers)
     for loader, where in ((train, "000000003 of .*train-000000.tar"), (val, "000000155 of .*val-000001.tar")):
         with pytest.raises(ShardReadError) as e:

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from shard_tools.demo_data import CLASS_NAMES, contact_sheet, generate_demo_dataset, main, render_image
+from mushroom_demo.painter import CLASS_NAMES, contact_sheet, generate_demo_dataset, main, render_image
 
 NUM_CLASSES = len(CLASS_NAMES)
 
@@ -91,7 +91,7 @@ def test_cli_writes_the_dataset_and_rejects_bad_arguments(tmp_path, capsys):
             main(argv)
         assert exit_info.value.code == 2
         message = capsys.readouterr().err.strip().splitlines()[-1]
-        assert message.startswith("python -m shard_tools.demo_data: error:") and "Traceback" not in message
+        assert message.startswith("python -m mushroom_demo.painter: error:") and "Traceback" not in message
 
 
 # --- Learnability: a cheap check that the classes are told apart by shape, not by a colour cast -------------------

@@ -15,7 +15,7 @@ from torchvision.io import decode_jpeg
 from distributed_train.data import train_loader
 from distributed_train.device_decode import ASPECT_RATIOS, DeviceAugment, DevicePrefetcher, pack_jpegs
 from shard_tools.manifest import Manifest
-from shard_tools.remote import ShardReadError, error_line
+from shard_tools.errors import ShardReadError, one_line as error_line
 
 CPU = torch.device("cpu")
 SCALE = (0.25, 1.0)
@@ -133,7 +133,7 @@ def test_a_jpeg_that_only_fails_to_decode_is_named_by_its_key(jpegs):
 
 
 def test_a_damaged_header_is_named_by_the_worker_with_its_shard(damaged_shards):
-    loader, _ = train_loader(Manifest.read(str(damaged_shards)), str(damaged_shards), rank=0, world_size=1,
+    loader, _ = train_loader(Manifest.read(str(damaged_shards)), rank=0, world_size=1,
                              batch_size=4, accum_steps=1, image_size=24, workers=1, seed=0, epoch=0,
                              decode_on_device=True)
     with pytest.raises(ShardReadError) as e:
@@ -153,7 +153,7 @@ def test_damage_past_the_header_is_named_with_its_shard_after_the_dataloader(une
     half = member.offset_data + member.size // 2
     raw[half:member.offset_data + member.size] = bytes(member.offset_data + member.size - half)  # same size
     shard.write_bytes(raw)
-    loader, _ = train_loader(Manifest.read(str(data)), str(data), rank=0, world_size=1, batch_size=4, accum_steps=1,
+    loader, _ = train_loader(Manifest.read(str(data)), rank=0, world_size=1, batch_size=4, accum_steps=1,
                              image_size=24, workers=1, seed=0, epoch=0, decode_on_device=True)
     prefetcher = DevicePrefetcher(loader, DeviceAugment(24, CPU))
     with pytest.raises(ShardReadError) as e:

@@ -1,4 +1,4 @@
-"""shard_tools.remote over loopback: an HTTP server with injected faults, and moto's S3 server."""
+"""shard_tools' transport, shard reader and upload over loopback: an HTTP server with injected faults, and moto's S3 server."""
 from __future__ import annotations
 
 import hashlib
@@ -15,7 +15,10 @@ import pytest
 import webdataset as wds
 
 from remote_servers import ShardHTTPServer, s3_bucket, s3_server  # noqa: F401  (fixtures)
-from shard_tools import remote
+from shard_tools import shard_reader, transport
+from shard_tools.redaction import redact
+from shard_tools.errors import ShardIntegrityError, ShardReadError
+from shard_tools.upload import UploadError, upload_dataset
 from shard_tools.manifest import ChannelStats, Manifest, ManifestError, ShardInfo, SplitInfo
 
 pytestmark = pytest.mark.remote
@@ -54,7 +57,7 @@ def dataset(tmp_path_factory) -> Path:
 
 
 def expected_keys(dataset: Path, name: str) -> list[str]:
-    return [s["__key__"] for s in remote.iter_shard_samples(str(dataset / name))]
+    return [s["__key__"] for s in shard_reader.iter_shard_samples(str(dataset / name))]
 
 
 @pytest.fixture
@@ -72,9 +75,11 @@ def keys(samples) -> list[str]:
 
 
 # --- locations and secrets -----------------------------------------------------------------------------------------
-def test_is_remote():
-    assert remote.is_remote("s3://bucket/prefix") and remote.is_remote("https://host/data")
-    assert not remote.is_remote("/data/shards") and not remote.is_remote("file:///data/shards")
+def test_is_url_and_join():
+    assert transport.is_url("s3://bucket/prefix") and transport.is_url("https://host/data")
+    assert not transport.is_url("/data/shards") and not transport.is_url("file:///data/shards")
+    assert transport.join("s3://bucket/prefix/", "a.tar") == "s3://bucket/prefix/a.tar"
+    assert transport.join("file:///data/shards", "a.tar") == "/data/shards/a.tar"
 
 
 def test_redact_hides_userinfo_query_values_and_aws_secrets(monkeypatch):
@@ -83,7 +88,7 @@ def test_redact_hides_userinfo_query_values_and_aws_secrets(monkeypatch):
         "failed https://alice:hunter2@store.example/ds/train-000000.tar?X-Amz-Signature=abcdef&X-Amz-Credential=AKIA1 "
         "with key wJalrXUtnFEMI-secret-value"
     )
-    out = remote.redact(text)
+    out = redact(text)
     for secret in ("alice", "hunter2", "abcdef", "AKIA1", "wJalrXUtnFEMI-secret-value"):
         assert secret not in out
     assert "store.example/ds/train-000000.tar" in out  # what is needed to find the shard stays
@@ -91,18 +96,18 @@ def test_redact_hides_userinfo_query_values_and_aws_secrets(monkeypatch):
 
 # --- HTTP ----------------------------------------------------------------------------------------------------------
 def test_read_bytes_and_manifest_over_http(http, dataset):
-    assert remote.read_bytes(f"{http.url}/manifest.json") == (dataset / "manifest.json").read_bytes()
+    assert transport.read_bytes(f"{http.url}/manifest.json") == (dataset / "manifest.json").read_bytes()
     manifest = Manifest.read(http.url)
-    assert manifest.shard_urls(http.url, "train") == [f"{http.url}/train-000000.tar", f"{http.url}/train-000001.tar"]
+    assert manifest.shard_urls("train") == [f"{http.url}/train-000000.tar", f"{http.url}/train-000001.tar"]
     with pytest.raises(FileNotFoundError):
-        remote.read_bytes(f"{http.url}/nothing-here.json")
+        transport.read_bytes(f"{http.url}/nothing-here.json")
     with pytest.raises(ManifestError, match="no manifest"):
         Manifest.read(f"{http.url}/missing-dataset")
 
 
 def test_http_shard_yields_every_sample_with_its_bytes(http, dataset):
-    samples = list(remote.iter_shard_samples(f"{http.url}/train-000001.tar", **FAST))
-    local = list(remote.iter_shard_samples(str(dataset / "train-000001.tar")))
+    samples = list(shard_reader.iter_shard_samples(f"{http.url}/train-000001.tar", **FAST))
+    local = list(shard_reader.iter_shard_samples(str(dataset / "train-000001.tar")))
     assert len(samples) == SHARD_SIZES["train-000001.tar"]
     assert [(s["__key__"], s["jpg"], s["cls"], s["json"]) for s in samples] == [
         (s["__key__"], s["jpg"], s["cls"], s["json"]) for s in local
@@ -112,28 +117,28 @@ def test_http_shard_yields_every_sample_with_its_bytes(http, dataset):
 
 def test_slice_start_stop(http, dataset):
     all_keys = expected_keys(dataset, "train-000001.tar")
-    got = keys(remote.iter_shard_samples(f"{http.url}/train-000001.tar", start=2, stop=5, **FAST))
+    got = keys(shard_reader.iter_shard_samples(f"{http.url}/train-000001.tar", start=2, stop=5, **FAST))
     assert got == all_keys[2:5]
 
 
 def test_connection_dropped_mid_shard_resumes_without_duplicates(http, dataset):
     http.fail("train-000001.tar", "drop", times=2)
     skipped = counter()
-    got = keys(remote.iter_shard_samples(f"{http.url}/train-000001.tar", retries=3, skip_counter=skipped, **FAST))
+    got = keys(shard_reader.iter_shard_samples(f"{http.url}/train-000001.tar", retries=3, skip_counter=skipped, **FAST))
     assert got == expected_keys(dataset, "train-000001.tar")  # each sample once, in order
     assert http.requests_for("train-000001.tar") == 3 and skipped.value == 0
 
 
 def test_resume_respects_the_slice(http, dataset):
     http.fail("train-000001.tar", "drop", times=1)
-    got = keys(remote.iter_shard_samples(f"{http.url}/train-000001.tar", start=1, stop=6, **FAST))
+    got = keys(shard_reader.iter_shard_samples(f"{http.url}/train-000001.tar", start=1, stop=6, **FAST))
     assert got == expected_keys(dataset, "train-000001.tar")[1:6]
     assert http.requests_for("train-000001.tar") == 2
 
 
 def test_http_5xx_is_retried(http, dataset):
     http.fail("val-000000.tar", "503", times=2)
-    got = keys(remote.iter_shard_samples(f"{http.url}/val-000000.tar", retries=2, on_error="fail", **FAST))
+    got = keys(shard_reader.iter_shard_samples(f"{http.url}/val-000000.tar", retries=2, on_error="fail", **FAST))
     assert got == expected_keys(dataset, "val-000000.tar")
 
 
@@ -141,7 +146,7 @@ def test_persistent_failure_is_skipped_counted_and_logged(http, dataset, caplog)
     http.fail("train-000001.tar", "drop")
     skipped = counter()
     with caplog.at_level(logging.WARNING, logger="shard_tools.remote"):
-        got = keys(remote.iter_shard_samples(f"{http.url}/train-000001.tar", retries=2, skip_counter=skipped, **FAST))
+        got = keys(shard_reader.iter_shard_samples(f"{http.url}/train-000001.tar", retries=2, skip_counter=skipped, **FAST))
     full = expected_keys(dataset, "train-000001.tar")
     assert got == full[: len(got)] and len(got) < len(full)  # the prefix that arrived, once
     assert skipped.value == 1
@@ -151,15 +156,15 @@ def test_persistent_failure_is_skipped_counted_and_logged(http, dataset, caplog)
 
 def test_persistent_failure_raises_in_fail_mode(http):
     http.fail("train-000000.tar", "503")
-    with pytest.raises(remote.ShardReadError, match="train-000000.tar.*503"):
-        list(remote.iter_shard_samples(f"{http.url}/train-000000.tar", retries=1, on_error="fail", **FAST))
+    with pytest.raises(ShardReadError, match="train-000000.tar.*503"):
+        list(shard_reader.iter_shard_samples(f"{http.url}/train-000000.tar", retries=1, on_error="fail", **FAST))
     assert http.requests_for("train-000000.tar") == 2
 
 
 def test_stalled_server_times_out_instead_of_hanging(http):
     http.fail("val-000000.tar", "stall")
     skipped = counter()
-    list(remote.iter_shard_samples(f"{http.url}/val-000000.tar", retries=1, skip_counter=skipped, backoff=0.01,
+    list(shard_reader.iter_shard_samples(f"{http.url}/val-000000.tar", retries=1, skip_counter=skipped, backoff=0.01,
                                    timeout=0.5))
     # the client gave up on its own: the server is still holding both stalled responses open
     assert skipped.value == 1 and http.requests_for("val-000000.tar") == 2
@@ -172,7 +177,7 @@ def test_stopping_the_server_mid_epoch_skips_the_rest(http, dataset):
     skipped = counter()
     pipeline = wds.DataPipeline(
         lambda: iter(shards),  # dict(url=..., stop=...) per shard
-        remote.resilient_tarfile_to_samples(retries=2, skip_counter=skipped, **FAST),
+        shard_reader.resilient_tarfile_to_samples(retries=2, skip_counter=skipped, **FAST),
     )
     got = []
     for sample in pipeline:
@@ -193,7 +198,7 @@ def test_skip_counter_crosses_dataloader_workers(http, dataset):
     pipeline = wds.DataPipeline(
         lambda: iter(shards),
         wds.split_by_worker,
-        remote.resilient_tarfile_to_samples(retries=1, skip_counter=skipped, **FAST),
+        shard_reader.resilient_tarfile_to_samples(retries=1, skip_counter=skipped, **FAST),
         wds.map(lambda sample: sample["__key__"]),
     )
     got = list(torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=2))
@@ -205,11 +210,11 @@ def test_truncated_tar_is_an_error(http, dataset):
     data = (dataset / "train-000000.tar").read_bytes()
     (dataset / "cut.tar").write_bytes(data[: len(data) * 2 // 3])  # served with a correct Content-Length
     try:
-        with pytest.raises(remote.ShardReadError, match="cut.tar"):
-            list(remote.iter_shard_samples(f"{http.url}/cut.tar", retries=1, on_error="fail", **FAST))
+        with pytest.raises(ShardReadError, match="cut.tar"):
+            list(shard_reader.iter_shard_samples(f"{http.url}/cut.tar", retries=1, on_error="fail", **FAST))
         # a shard that ends cleanly but short of the manifest's count is truncated too
-        with pytest.raises(remote.ShardReadError, match="ended after 5 samples, expected 7"):
-            list(remote.iter_shard_samples(f"{http.url}/train-000000.tar", stop=7, retries=0, on_error="fail",
+        with pytest.raises(ShardReadError, match="ended after 5 samples, expected 7"):
+            list(shard_reader.iter_shard_samples(f"{http.url}/train-000000.tar", stop=7, retries=0, on_error="fail",
                                            **FAST))
     finally:
         (dataset / "cut.tar").unlink()
@@ -218,33 +223,33 @@ def test_truncated_tar_is_an_error(http, dataset):
 def test_sha256_verified_while_streaming(http, dataset):
     shard = Manifest.read(str(dataset)).split("train").shards[1]
     url = f"{http.url}/{shard.name}"
-    assert len(list(remote.iter_shard_samples(url, verify_sha256=shard.sha256, **FAST))) == shard.num_samples
+    assert len(list(shard_reader.iter_shard_samples(url, verify_sha256=shard.sha256, **FAST))) == shard.num_samples
     wrong = hashlib.sha256(b"another shard").hexdigest()
-    with pytest.raises(remote.ShardIntegrityError, match=f"shard {shard.name}: sha256 mismatch"):
-        list(remote.iter_shard_samples(url, verify_sha256=wrong, on_error="skip", **FAST))
+    with pytest.raises(ShardIntegrityError, match=f"shard {shard.name}: sha256 mismatch"):
+        list(shard_reader.iter_shard_samples(url, verify_sha256=wrong, on_error="skip", **FAST))
 
 
 def test_sha256_after_a_retry_covers_the_whole_shard(http, dataset):
     shard = Manifest.read(str(dataset)).split("train").shards[1]
     http.fail(shard.name, "drop", times=1)
-    got = list(remote.iter_shard_samples(f"{http.url}/{shard.name}", verify_sha256=shard.sha256, on_error="fail",
+    got = list(shard_reader.iter_shard_samples(f"{http.url}/{shard.name}", verify_sha256=shard.sha256, on_error="fail",
                                          **FAST))
     assert len(got) == shard.num_samples
 
 
 def test_errors_never_show_credentials(http):
     url = http.url.replace("http://", "http://reader:s3cr3t-pass@") + "/missing.tar"
-    with pytest.raises(remote.ShardReadError, match="not found") as info:
-        list(remote.iter_shard_samples(url, retries=0, on_error="fail", **FAST))
+    with pytest.raises(ShardReadError, match="not found") as info:
+        list(shard_reader.iter_shard_samples(url, retries=0, on_error="fail", **FAST))
     assert "s3cr3t-pass" not in str(info.value) and "missing.tar" in str(info.value)
 
 
 def test_other_schemes_go_through_fsspec(dataset):
     dest = "memory://shard-tools-test/ds"
-    remote.upload_dataset(str(dataset), dest, overwrite=True)
+    upload_dataset(str(dataset), dest, overwrite=True)
     manifest = Manifest.read(dest)
     shard = manifest.split("val").shards[0]
-    got = list(remote.iter_shard_samples(f"{dest}/{shard.name}", stop=shard.num_samples, verify_sha256=shard.sha256))
+    got = list(shard_reader.iter_shard_samples(f"{dest}/{shard.name}", stop=shard.num_samples, verify_sha256=shard.sha256))
     assert keys(got) == expected_keys(dataset, shard.name)
 
 
@@ -260,20 +265,20 @@ def upload_objects(dataset: Path, bucket: str, prefix: str) -> str:
 
 def test_read_and_stream_from_s3(s3_server, s3_bucket, dataset):
     base = upload_objects(dataset, s3_bucket, "ds")
-    assert remote.read_bytes(f"{base}/manifest.json") == (dataset / "manifest.json").read_bytes()
+    assert transport.read_bytes(f"{base}/manifest.json") == (dataset / "manifest.json").read_bytes()
     manifest = Manifest.read(base)
-    for shard, url in zip(manifest.split("train").shards, manifest.shard_urls(base, "train")):
-        got = list(remote.iter_shard_samples(url, stop=shard.num_samples, verify_sha256=shard.sha256, **FAST))
+    for shard, url in zip(manifest.split("train").shards, manifest.shard_urls("train")):
+        got = list(shard_reader.iter_shard_samples(url, stop=shard.num_samples, verify_sha256=shard.sha256, **FAST))
         assert keys(got) == expected_keys(dataset, shard.name)
     with pytest.raises(FileNotFoundError):
-        remote.read_bytes(f"{base}/no-such-key")
+        transport.read_bytes(f"{base}/no-such-key")
     with pytest.raises(ManifestError, match="no manifest"):
         Manifest.read(f"s3://{s3_bucket}/elsewhere")
 
 
 def test_plain_webdataset_reads_s3_after_register(s3_server, s3_bucket, dataset):
     base = upload_objects(dataset, s3_bucket, "ds")
-    remote.register_gopen_schemes()
+    shard_reader.register_gopen_schemes()
     got = keys(wds.DataPipeline(wds.SimpleShardList([f"{base}/val-000000.tar"]), wds.tarfile_to_samples()))
     assert got == expected_keys(dataset, "val-000000.tar")
 
@@ -284,22 +289,22 @@ def test_unreachable_s3_endpoint_is_skipped_not_hung(s3_server, monkeypatch):
         port = s.getsockname()[1]
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
     skipped = counter()
-    assert list(remote.iter_shard_samples("s3://bucket/train-000000.tar", retries=1, skip_counter=skipped,
+    assert list(shard_reader.iter_shard_samples("s3://bucket/train-000000.tar", retries=1, skip_counter=skipped,
                                           **FAST)) == []
     assert skipped.value == 1
     with pytest.raises(OSError, match="127.0.0.1"):  # an OSError, which Manifest.read turns into a one-line error
-        remote.read_bytes("s3://bucket/manifest.json", retries=1, backoff=0.01, timeout=2.0)
+        transport.read_bytes("s3://bucket/manifest.json", retries=1, backoff=0.01, timeout=2.0)
 
 
 def test_upload_to_a_folder(dataset, tmp_path):
-    order = remote.upload_dataset(str(dataset), str(tmp_path / "copy"))
+    order = upload_dataset(str(dataset), str(tmp_path / "copy"))
     assert order[-1] == "manifest.json"
     assert Manifest.read(str(tmp_path / "copy")).to_dict() == Manifest.read(str(dataset)).to_dict()
     assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == sorted(p.name for p in dataset.iterdir())
     before = sorted(p.name for p in (tmp_path / "copy").iterdir())
     for same in (str(tmp_path / "copy"), str(tmp_path / "copy") + "/", str(tmp_path / "copy" / "manifest.json")):
-        with pytest.raises(ValueError, match="is the dataset being uploaded"):  # --overwrite would delete its manifest
-            remote.upload_dataset(str(tmp_path / "copy"), same, overwrite=True)
+        with pytest.raises(UploadError, match="is the dataset being uploaded"):  # --overwrite would delete its manifest
+            upload_dataset(str(tmp_path / "copy"), same, overwrite=True)
     assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == before
 
 
@@ -307,7 +312,7 @@ def test_upload_writes_manifest_last(s3_server, s3_bucket, dataset, monkeypatch)
     dest = f"s3://{s3_bucket}/ds"
     manifest = Manifest.read(str(dataset))
     shard_keys = {f"ds/{sh.name}" for split in manifest.splits.values() for sh in split.shards}
-    real_put = remote._put
+    real_put = transport.put_file
     seen_at_manifest = []
 
     def spying_put(local_file, dest_url):
@@ -315,18 +320,18 @@ def test_upload_writes_manifest_last(s3_server, s3_bucket, dataset, monkeypatch)
             seen_at_manifest.extend(s3_server.keys(s3_bucket))  # what a reader could list just before
         real_put(local_file, dest_url)
 
-    monkeypatch.setattr(remote, "_put", spying_put)
-    order = remote.upload_dataset(str(dataset), dest)
+    monkeypatch.setattr(transport, "put_file", spying_put)
+    order = upload_dataset(str(dataset), dest)
     assert order[-1] == "manifest.json"
     assert shard_keys | {"ds/train_info.json"} <= set(seen_at_manifest) and "ds/manifest.json" not in seen_at_manifest
     assert Manifest.read(dest).to_dict() == manifest.to_dict()
-    with pytest.raises(FileExistsError, match="already holds a dataset"):
-        remote.upload_dataset(str(dataset), dest)
-    remote.upload_dataset(str(dataset), dest, overwrite=True)
+    with pytest.raises(UploadError, match="already holds a dataset"):
+        upload_dataset(str(dataset), dest)
+    upload_dataset(str(dataset), dest, overwrite=True)
 
 
 def test_upload_failing_midway_leaves_no_manifest(s3_server, s3_bucket, dataset, monkeypatch):
-    real_put = remote._put
+    real_put = transport.put_file
     calls = []
 
     def failing_put(local_file, dest_url):
@@ -335,9 +340,9 @@ def test_upload_failing_midway_leaves_no_manifest(s3_server, s3_bucket, dataset,
             raise OSError("connection reset while uploading")
         real_put(local_file, dest_url)
 
-    monkeypatch.setattr(remote, "_put", failing_put)
-    with pytest.raises(OSError, match="connection reset"):
-        remote.upload_dataset(str(dataset), f"s3://{s3_bucket}/ds")
+    monkeypatch.setattr(transport, "put_file", failing_put)
+    with pytest.raises(UploadError, match="connection reset"):
+        upload_dataset(str(dataset), f"s3://{s3_bucket}/ds")
     uploaded = s3_server.keys(s3_bucket)
     assert uploaded == ["ds/train-000000.tar"]  # the first shard made it, nothing claims the dataset is there
 
@@ -349,7 +354,7 @@ def test_upload_cli(s3_server, s3_bucket, dataset):
     assert "cli/manifest.json" in s3_server.keys(s3_bucket)
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=os.environ.copy())
     assert second.returncode == 1
-    assert second.stderr.strip().startswith("error:") and "--overwrite" in second.stderr
+    assert second.stderr.strip().startswith("shard_tools: error:") and "--overwrite" in second.stderr
     assert "Traceback" not in second.stderr and s3_server.SECRET_KEY not in first.stdout + first.stderr
     missing = subprocess.run(cmd[:-1] + ["s3://no-such-bucket-here/ds"], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 1 and "NoSuchBucket" in missing.stderr and "Traceback" not in missing.stderr

@@ -73,7 +73,7 @@ def test_fail_mode_and_a_dead_server_end_the_run_with_a_clear_error_not_a_hang(u
 
 
 def test_build_to_s3_then_train_from_s3(s3_bucket, tmp_path):
-    from shard_tools.demo_data import generate_demo_dataset
+    from mushroom_demo.painter import generate_demo_dataset
 
     labels = generate_demo_dataset(tmp_path / "demo", per_class=12, size=64, seed=0)
     url = f"s3://{s3_bucket}/mushrooms"

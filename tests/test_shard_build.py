@@ -176,7 +176,7 @@ def test_unusable_input_is_a_one_line_error_with_exit_2(tmp_path, capsys, case, 
         args[4] = str(tmp_path / "nope.csv")
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and needle in err and "\n" not in err and "Traceback" not in err
+    assert err.startswith("shard_tools: error: ") and needle in err and "\n" not in err and "Traceback" not in err
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 

@@ -99,7 +99,7 @@ def cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """60 generated photos (5 classes) and their one-process build: small shards, so 3 slices get several each."""
-    from shard_tools.demo_data import generate_demo_dataset
+    from mushroom_demo.painter import generate_demo_dataset
 
     root = tmp_path_factory.mktemp("slurm-data")
     generate_demo_dataset(root / "photos", per_class=12, size=48, seed=0)

@@ -104,7 +104,7 @@ def test_evaluate_cli_counts_every_sample_and_names_bad_input(ddp_run, uneven_sh
     damaged = run([PYTHON, "-m", "distributed_train.evaluate", "--checkpoint", str(run_dir / "checkpoints/best.pt"),
                    "--data", str(damaged_shards), "--workers", "1"])
     assert damaged.returncode == 3 and "Traceback" not in damaged.stderr
-    assert damaged.stderr.startswith("error: sample 000000155 of ") and "val-000001.tar cannot be decoded" in damaged.stderr
+    assert damaged.stderr.startswith("evaluate: error: sample 000000155 of ") and "val-000001.tar cannot be decoded" in damaged.stderr
     # under torchrun only one rank reads the damaged sample; the other, waiting in the all-reduce, says why it stops
     two_ranks = run([*TORCHRUN, "-m", "distributed_train.evaluate", "--checkpoint", str(run_dir / "checkpoints/best.pt"),
                      "--data", str(damaged_shards), "--workers", "0"])

@@ -1,18 +1,17 @@
 """Pieces of the training loop that are easy to get subtly wrong: schedule, EMA warmup, weight-decay groups,
 gradient clipping under fp16 loss scaling, the NaN tally."""
-import math
 import time
 
 import pytest
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-from distributed_train.config import Config, parse_args
-from distributed_train.model import build_model
 from distributed_train.checkpoint import inference_weights
+from distributed_train.config import Config, auto_workers, cpu_has_bf16, parse_args, resolve_precision
 from distributed_train.ema import WeightEMA
-from distributed_train.train import (auto_workers, build_optimizer, cpu_has_bf16, load_init_weights, optimizer_step,
-                                    resolve_precision, tally, warmup_cosine)
+from distributed_train.model import build_model
+from distributed_train.train import build_optimizer, load_init_weights, optimizer_step, tally, warmup_cosine
+from shard_tools.errors import CheckpointError, UsageError
 
 
 def test_warmup_then_cosine_to_zero():
@@ -61,8 +60,8 @@ def test_ema_checkpoints_read_like_averaged_models():
 
 def test_no_weight_decay_on_batchnorm_and_biases():
     model = build_model("resnet26", num_classes=3, width=0.125)
-    cfg = Config(data="x", run_dir="y", weight_decay=1e-4)
-    groups = build_optimizer(model, cfg, lr=0.1, device=torch.device("cpu")).param_groups
+    cfg = Config(data="x", run_dir="y", weight_decay=1e-4, lr=0.1)
+    groups = build_optimizer(model, cfg, device=torch.device("cpu")).param_groups
     decayed = {id(p) for p in groups[0]["params"]}
     for name, p in model.named_parameters():
         assert (id(p) in decayed) == (p.ndim > 1), name
@@ -81,53 +80,70 @@ def test_a_dead_dataloader_worker_is_a_one_line_error_with_what_to_do(monkeypatc
     import distributed_train.__main__ as cli
     import distributed_train.train
 
-    def dies(cfg):
+    def dies(cfg, ctx):
         raise RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly")
 
-    monkeypatch.setattr(distributed_train.train, "train", dies)
+    monkeypatch.setattr(distributed_train.train, "run", dies)
     assert cli.main(["--data", "d", "--run-dir", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("distributed_train: error: DataLoader worker (pid(s) 4242) exited unexpectedly: if the node")
     assert "fewer --workers" in err and err.count("\n") == 1
 
-    def other_bug(cfg):
+    def other_bug(cfg, ctx):
         raise RuntimeError("something else")
 
-    monkeypatch.setattr(distributed_train.train, "train", other_bug)
+    monkeypatch.setattr(distributed_train.train, "run", other_bug)
     with pytest.raises(RuntimeError, match="something else"):  # not hidden behind a friendly line
         cli.main(["--data", "d", "--run-dir", str(tmp_path / "run")])
 
 
-def test_command_line_errors_are_one_line(capsys):
-    with pytest.raises(SystemExit) as e:
-        parse_args(["--data", "d", "--run-dir", "r", "--precision", "fp8", "--batch-size", "0", "--workers", "-2",
-                    "--decode", "gpu"])
-    message = str(e.value)
-    assert "--precision 'fp8'" in message and "--batch-size must be at least 1" in message
-    assert "--workers must be -1 (auto)" in message and "--decode 'gpu': use workers or device" in message
-
-
 @pytest.mark.parametrize("flags, expected", [
-    (["--arch", "resnet18"], "--arch 'resnet18': use one of resnet26, resnet50, resnet101, resnet152"),
-    (["--width", "0"], "--width must be positive"),
-    (["--min-crop-scale", "1.5"], "--min-crop-scale must be in (0, 1]"),
-    (["--label-smoothing", "1"], "--label-smoothing must be in [0, 1)"),
-    (["--ema-decay", "1.5"], "--ema-decay must be in [0, 1) (0: off)"),
-    (["--clip-grad-norm", "-1"], "--clip-grad-norm must be 0 (off) or more"),
-    (["--lr", "-0.1"], "--lr must not be negative"),
-    (["--init-from", "no/such/weights.pth"], "--init-from no/such/weights.pth: no such file"),
+    (["--precision", "fp8"], "argument --precision: invalid choice: 'fp8'"),
+    (["--decode", "gpu"], "argument --decode: invalid choice: 'gpu'"),
+    (["--arch", "resnet18"], "argument --arch: invalid choice: 'resnet18'"),
+    (["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+    (["--workers", "-2"], "argument --workers: must be -1 (auto), 0 (load in the training process) or more"),
+    (["--width", "0"], "argument --width: must be positive, got 0"),
+    (["--min-crop-scale", "1.5"], "argument --min-crop-scale: must be in (0, 1], got 1.5"),
+    (["--label-smoothing", "1"], "argument --label-smoothing: must be in [0, 1), got 1"),
+    (["--ema-decay", "1.5"], "argument --ema-decay: must be in [0, 1) (0: off), got 1.5"),
+    (["--clip-grad-norm", "-1"], "argument --clip-grad-norm: must be 0 or more, got -1"),
+    (["--lr", "-0.1"], "argument --lr: must be 0 or more, got -0.1"),
 ], ids=lambda v: v[0] if isinstance(v, list) else None)
-def test_out_of_range_settings_are_named_before_anything_runs(flags, expected):
+def test_out_of_range_flags_are_argparse_errors_in_one_line(flags, expected, capsys):
     """Each of these used to end in a traceback from deep inside torch or the model, after start-up."""
     with pytest.raises(SystemExit) as e:
         parse_args(["--data", "d", "--run-dir", "r", *flags])
-    assert expected in str(e.value)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and expected in err[-1], err
 
 
-def test_run_dir_that_is_a_file_is_refused(tmp_path):
+def test_a_config_made_in_code_is_checked_by_the_same_rules():
+    """Config.validate reads the same field metadata as the command line: every bad value is named at once."""
+    with pytest.raises(UsageError) as e:
+        Config(data="d", run_dir="r", precision="fp8", batch_size=0, workers=-2, width=0, arch="resnet18",
+               epochs=0, max_steps=0).validate()
+    message = str(e.value)
+    for expected in ("--precision 'fp8': use auto, bf16, fp16, fp32", "--batch-size must be at least 1",
+                     "--workers must be -1 (auto)", "--width must be positive", "--arch 'resnet18': use resnet26",
+                     "give --epochs or --max-steps"):
+        assert expected in message, message
+    Config(data="d", run_dir="r").validate()  # the defaults pass
+
+
+def test_config_arch_names_are_the_models():
+    from distributed_train.config import ARCH_NAMES
+    from distributed_train.model import ARCHS
+
+    assert ARCH_NAMES == tuple(ARCHS)
+
+
+def test_missing_init_weights_and_a_run_dir_that_is_a_file_are_refused(tmp_path):
     (tmp_path / "run").write_text("")
-    with pytest.raises(SystemExit, match="exists and is not a folder"):
-        parse_args(["--data", "d", "--run-dir", str(tmp_path / "run")])
+    with pytest.raises(UsageError, match="exists and is not a folder"):
+        parse_args(["--data", "d", "--run-dir", str(tmp_path / "run")]).validate()
+    with pytest.raises(UsageError, match="--init-from no/such/weights.pth: no such file"):
+        parse_args(["--data", "d", "--run-dir", "r", "--init-from", "no/such/weights.pth"]).validate()
 
 
 def test_init_from_takes_torchvision_weights_or_own_checkpoints_and_names_a_bad_file(tmp_path):
@@ -141,9 +157,9 @@ def test_init_from_takes_torchvision_weights_or_own_checkpoints_and_names_a_bad_
         load_init_weights(target, str(tmp_path / name))
         assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values()))
     (tmp_path / "junk.pth").write_bytes(b"not weights")
-    with pytest.raises(SystemExit, match=r"cannot load checkpoint .*junk.pth"):
+    with pytest.raises(CheckpointError, match=r"cannot load checkpoint .*junk.pth"):
         load_init_weights(build_model("resnet26", 3, width=0.125), str(tmp_path / "junk.pth"))
-    with pytest.raises(SystemExit, match=r"--init-from .*plain.pth: .*check the arch name and width"):
+    with pytest.raises(CheckpointError, match=r"--init-from .*plain.pth: .*check the arch name and width"):
         load_init_weights(build_model("resnet26", 3, width=0.25), str(tmp_path / "plain.pth"))
 
 
@@ -201,7 +217,7 @@ def test_wandb_online_without_a_login_is_a_one_line_error_before_training(monkey
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: not logged in
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(UsageError) as e:
         Logger(str(tmp_path / "run"), True, "online", "p")
     assert str(e.value).startswith("W&B (online): ") and "run `wandb login` or set WANDB_API_KEY" in str(e.value)
     assert "\n" not in str(e.value)

@@ -1,6 +1,6 @@
 """Built-in demo dataset: photo-like synthetic mushrooms, drawn in code, free of any licence.
 
-    python -m shard_tools.demo_data --out demo_data [--per-class 150] [--size 160] [--seed 0]
+    python -m mushroom_demo.painter --out demo_data [--per-class 150] [--size 160] [--seed 0]
 
 writes the seed's layout, `OUT/images/<id>.jpg` plus `OUT/labels.csv` (`id,label`, ids zero-padded strings such as
 `00042`), so the demo takes exactly the path a user's own photos take through `shard_tools build`.
@@ -564,7 +564,7 @@ def contact_sheet(labels_csv, out_png, per_class: int = 6, tile: int = 128) -> P
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shard_tools.demo_data", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m mushroom_demo.painter", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="folder to write images/ and labels.csv into")
     parser.add_argument("--per-class", type=int, default=150, help="images per species (default 150)")
     parser.add_argument("--size", type=int, default=160, help="shorter side of the images in pixels (default 160)")

@@ -2,7 +2,7 @@
 
     generate images + CSV -> python -m shard_tools build -> torchrun -m distributed_train -> evaluate -> predict
 
-    python -m distributed_train.demo --out demo_out [--per-class 150] [--epochs 15]
+    python -m mushroom_demo --out demo_out [--per-class 150] [--epochs 15]
 
 It trains with torchrun on every GPU, or on 2 CPU processes when there is none.
 """
@@ -19,25 +19,34 @@ from pathlib import Path
 
 import torch
 
-from shard_tools.demo_data import generate_demo_dataset
+from mushroom_demo.painter import generate_demo_dataset
+from shard_tools.cli import run_main
+from shard_tools.errors import Error
+
+
+class StepFailed(Error):
+    """A command of the demo failed; its own error is printed above."""
 
 
 def run(cmd: list[str], capture: bool = False) -> str:
     print("\n$ " + shlex.join(cmd), flush=True)
     result = subprocess.run(cmd, text=True, stdout=subprocess.PIPE if capture else None)
     if result.returncode != 0:
-        raise SystemExit(f"demo: the command above failed with exit code {result.returncode}")
+        raise StepFailed(f"the command above failed with exit code {result.returncode}")
     return result.stdout or ""
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m distributed_train.demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mushroom_demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo_out", help="folder for the data, shards and run (replaced)")
     p.add_argument("--per-class", type=int, default=150, help="generated images per class")
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--wandb", default="offline", choices=["offline", "online", "disabled"])
     args = p.parse_args(argv)
+    return run_main("demo", lambda: demo(args))
 
+
+def demo(args) -> int:
     start = time.time()
     out = Path(args.out)
     data, shards, run_dir = out / "data", out / "shards", out / "run"

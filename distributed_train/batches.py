@@ -1,0 +1,93 @@
+"""What each epoch of a run trains and validates on, chosen once per run.
+
+Normally the shards of the manifest (data.py), decoded in the DataLoader workers or, with --decode device, on the
+GPU (device_decode.py). Two substitutes exist for measuring and auditing, so the training loop never branches on
+them: `--synthetic` (one fixed random batch in memory: the loop's speed without its data pipeline) and
+`--record-samples` (the same batches, each rank writing the keys it trained on to RUN/samples/).
+"""
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import os
+from typing import Iterator
+
+import torch
+
+from distributed_train.config import Config
+from distributed_train.data import PieceReader, eval_loader, normalize, stats_tensors, train_batches_per_rank, \
+    train_loader
+from distributed_train.device_decode import DeviceAugment, DevicePrefetcher
+from distributed_train.dist import DistContext
+from shard_tools.manifest import Manifest
+
+
+class RunData:
+    """The run's batches: `epoch(e, skip)` for training, `validation()` for evaluation, `to_device` for both."""
+
+    def __init__(self, cfg: Config, ctx: DistContext, manifest: Manifest, memory_format: torch.memory_format):
+        self.cfg, self.ctx, self.manifest, self.memory_format = cfg, ctx, manifest, memory_format
+        self.shards_skipped = multiprocessing.Value("i", 0)  # counted in the DataLoader workers, logged by rank 0
+        self.read_piece = PieceReader(cfg.on_shard_error, cfg.verify_shards, self.shards_skipped)
+        self.device_augment = DeviceAugment(cfg.image_size, ctx.device) if cfg.decode == "device" else None
+        self.mean, self.std = stats_tensors(manifest.stats.mean, manifest.stats.std, ctx.device)
+        self.micro_per_epoch = train_batches_per_rank(manifest.split("train").num_samples, ctx.world_size,
+                                                      cfg.batch_size, cfg.accum_steps)
+        self.has_validation = "val" in manifest.splits and manifest.split("val").num_samples > 0
+
+    def epoch(self, epoch: int, skip: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+        """(images, labels, keys) for the rest of `epoch` after its first `skip` micro-batches."""
+        if self.cfg.synthetic:
+            return synthetic_batches(self.cfg, self.manifest.num_classes, self.micro_per_epoch - skip)
+        batches = self.shard_batches(epoch, skip)
+        if self.cfg.record_samples:
+            return recording(batches, os.path.join(self.cfg.run_dir, "samples"), self.ctx.rank, epoch)
+        return batches
+
+    def shard_batches(self, epoch: int, skip: int):
+        cfg, ctx = self.cfg, self.ctx
+        loader, _ = train_loader(self.manifest, rank=ctx.rank, world_size=ctx.world_size, batch_size=cfg.batch_size,
+                                 accum_steps=cfg.accum_steps, image_size=cfg.image_size, workers=cfg.workers,
+                                 seed=cfg.seed, epoch=epoch, skip_batches=skip, min_crop_scale=cfg.min_crop_scale,
+                                 shuffle_buffer=cfg.shuffle_buffer, pin_memory=ctx.device.type == "cuda",
+                                 read_piece=self.read_piece, decode_on_device=self.device_augment is not None)
+        if self.device_augment is None:
+            yield from loader
+            return
+        prefetcher = DevicePrefetcher(loader, self.device_augment)
+        try:
+            yield from prefetcher
+        finally:
+            prefetcher.close()
+
+    def validation(self):
+        cfg, ctx = self.cfg, self.ctx
+        return eval_loader(self.manifest, "val", rank=ctx.rank, world_size=ctx.world_size, batch_size=cfg.batch_size,
+                           image_size=cfg.image_size, workers=cfg.workers, pin_memory=ctx.device.type == "cuda",
+                           read_piece=self.read_piece)
+
+    def to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = normalize(images.to(self.ctx.device, non_blocking=True), self.mean, self.std)
+        return x.contiguous(memory_format=self.memory_format), labels.to(self.ctx.device, non_blocking=True)
+
+
+# ---- benchmark and audit substitutes -------------------------------------------------------------------------------
+def synthetic_batches(cfg: Config, num_classes: int, count: int):
+    images = torch.randint(0, 256, (cfg.batch_size, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8)
+    labels = torch.randint(0, num_classes, (cfg.batch_size,))
+    if torch.cuda.is_available():
+        images, labels = images.pin_memory(), labels.pin_memory()
+    return itertools.repeat((images, labels, [""] * cfg.batch_size), count)
+
+
+def recording(batches, folder: str, rank: int, epoch: int):
+    """The same batches; their keys are appended to FOLDER/epoch-E-rank-R.txt as they are handed out."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"epoch-{epoch:04d}-rank-{rank:05d}.txt")
+    try:
+        for images, labels, keys in batches:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write("".join(k + "\n" for k in keys))
+            yield images, labels, keys
+    finally:
+        batches.close()
