@@ -98,6 +98,17 @@ def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
     return t
 
 
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def everyone(ok: bool) -> bool:
+    """True when `ok` holds on every rank (a collective: every rank calls it at the same point)."""
+    votes = torch.tensor([int(ok)], dtype=torch.int32)
+    all_reduce_sum(votes, group=cpu_group())
+    return int(votes.item()) == (dist.get_world_size() if dist.is_initialized() else 1)
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

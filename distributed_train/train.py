@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from distributed_train import EXIT_DIVERGED, EXIT_PREEMPTED, checkpoint, dist
+from distributed_train import EXIT_DIVERGED, EXIT_PREEMPTED, checkpoint, dist, run_lock
 from distributed_train.batches import RunData
 from distributed_train.config import Config, available_cores, resolve
 from distributed_train.ema import WeightEMA
@@ -36,7 +36,8 @@ def train(cfg: Config) -> int:
     """Run (or resume) the training described by `cfg` on this process's rank; -> the exit code."""
     ctx = dist.setup()
     try:
-        return run(cfg, ctx)
+        with run_lock.holding(cfg.run_dir, ctx.is_main):
+            return run(cfg, ctx)
     except RuntimeError as e:
         raise dist.job_error(e, ctx.rank) or e
     finally:
@@ -68,11 +69,18 @@ def run(cfg: Config, ctx: dist.DistContext) -> int:
             "mean": manifest.stats.mean, "std": manifest.stats.std}
 
     def save(best: bool = False) -> None:
+        error = None
         if ctx.is_main:
-            checkpoint.save({**state.state_dict(), "config": public_config,
-                             "meta": {**meta, "wandb_id": state.wandb_id}},
-                            cfg.run_dir, state.step, cfg.keep_checkpoints, best=best)
-        dist.barrier()  # nobody exits (and gets the job torn down) while rank 0 is still writing
+            try:
+                checkpoint.save({**state.state_dict(), "config": public_config,
+                                 "meta": {**meta, "wandb_id": state.wandb_id}},
+                                cfg.run_dir, state.step, cfg.keep_checkpoints, best=best)
+            except checkpoint.SaveError as e:
+                error = e
+        # Every rank waits for rank 0's write (nobody exits while it is writing) and stops with it if it failed.
+        if not dist.everyone(error is None):
+            log.close(checkpoint.SaveError.exit_code)
+            raise error or checkpoint.SaveError(f"rank {ctx.rank} stops: rank 0 could not save step {state.step}")
 
     log.info(f"{f'resuming at step {state.step}' if saved else 'starting'}: {cfg.arch} x{cfg.width} on "
              f"{ctx.world_size} x {ctx.device.type}, {cfg.precision}, global batch {global_batch(cfg, ctx)}, "
