@@ -19,13 +19,15 @@ from distributed_train.data import PieceReader, eval_loader, normalize, stats_te
     train_loader
 from distributed_train.device_decode import DeviceAugment, DevicePrefetcher
 from distributed_train.dist import DistContext
+from distributed_train.replan import EpochPlan, remainder_slots
 from shard_tools.manifest import Manifest
 
 
 class RunData:
     """The run's batches: `epoch(e, skip)` for training, `validation()` for evaluation, `to_device` for both."""
 
-    def __init__(self, cfg: Config, ctx: DistContext, manifest: Manifest, memory_format: torch.memory_format):
+    def __init__(self, cfg: Config, ctx: DistContext, manifest: Manifest, memory_format: torch.memory_format,
+                 epoch: int = 0, epoch_started: dict | None = None):
         self.cfg, self.ctx, self.manifest, self.memory_format = cfg, ctx, manifest, memory_format
         self.shards_skipped = multiprocessing.Value("i", 0)  # counted in the DataLoader workers, logged by rank 0
         self.read_piece = PieceReader(cfg.on_shard_error, cfg.verify_shards, self.shards_skipped)
@@ -34,11 +36,22 @@ class RunData:
         self.micro_per_epoch = train_batches_per_rank(manifest.split("train").num_samples, ctx.world_size,
                                                       cfg.batch_size, cfg.accum_steps)
         self.has_validation = "val" in manifest.splits and manifest.split("val").num_samples > 0
+        self.rest = None  # (epoch, its slots, samples per worker) when that epoch began under another plan
+        if epoch_started is not None:
+            now = EpochPlan(ctx.world_size, cfg.batch_size, cfg.accum_steps, cfg.workers, cfg.shuffle_buffer)
+            self.rest = (epoch, remainder_slots(manifest, EpochPlan(**epoch_started["plan"]),
+                                                epoch_started["batches_done"], now, cfg.seed, epoch))
+
+    def micro_in(self, epoch: int) -> int:
+        """Micro-batches per rank in `epoch` (fewer in an epoch finished under another plan)."""
+        if self.rest is not None and self.rest[0] == epoch:
+            return sum(self.rest[1][1]) // self.cfg.batch_size
+        return self.micro_per_epoch
 
     def epoch(self, epoch: int, skip: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
         """(images, labels, keys) for the rest of `epoch` after its first `skip` micro-batches."""
         if self.cfg.synthetic:
-            return synthetic_batches(self.cfg, self.manifest.num_classes, self.micro_per_epoch - skip)
+            return synthetic_batches(self.cfg, self.manifest.num_classes, self.micro_in(epoch) - skip)
         batches = self.shard_batches(epoch, skip)
         if self.cfg.record_samples:
             return recording(batches, os.path.join(self.cfg.run_dir, "samples"), self.ctx.rank, epoch)
@@ -50,7 +63,8 @@ class RunData:
                                  accum_steps=cfg.accum_steps, image_size=cfg.image_size, workers=cfg.workers,
                                  seed=cfg.seed, epoch=epoch, skip_batches=skip, min_crop_scale=cfg.min_crop_scale,
                                  shuffle_buffer=cfg.shuffle_buffer, pin_memory=ctx.device.type == "cuda",
-                                 read_piece=self.read_piece, decode_on_device=self.device_augment is not None)
+                                 read_piece=self.read_piece, decode_on_device=self.device_augment is not None,
+                                 planned=self.rest[1] if self.rest is not None and self.rest[0] == epoch else None)
         if self.device_augment is None:
             yield from loader
             return

@@ -173,8 +173,7 @@ class SlotStream(IterableDataset):
         worker = ((info.id if info else 0) + self.skip_batches) % num_workers
         samples = read_pieces(self.slots[worker], self.counts[worker], self.read_piece, repeat=self.train)
         if self.train:
-            rng = random.Random("shuffle-" + "-".join(map(str, (*self.seed, worker))))
-            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
+            samples = shuffled(samples, self.seed, worker, self.shuffle_buffer)
         raw_batches = wds.batched(self.batch_size, collation_fn=None, partial=not self.train)(samples)
         skip = batches_before(self.skip_batches, worker, num_workers)
         for index, raw in enumerate(raw_batches):
@@ -206,6 +205,17 @@ class SlotStream(IterableDataset):
             raise damaged_sample(sample["__key__"], sample.get("__url__"), e) from None
 
 
+def shuffled(samples, seed: tuple, worker: int, buffer: int):
+    """A training slot's samples in the order they are batched: webdataset's shuffle buffer, seeded from
+    (seed, epoch, rank) and the worker. The order depends on the positions only, never on the samples' bytes."""
+    rng = random.Random("shuffle-" + "-".join(map(str, (*seed, worker))))
+    return wds.shuffle(buffer, initial=buffer, rng=rng)(samples)
+
+
+def slot_order(samples: list, seed: tuple, worker: int, buffer: int) -> list:
+    return list(shuffled(iter(samples), seed, worker, buffer))
+
+
 def hash_seed(parts: tuple) -> int:
     return random.Random("-".join(map(str, parts))).getrandbits(63)
 
@@ -219,19 +229,24 @@ def _loader(stream: SlotStream, workers: int, pin_memory: bool) -> DataLoader:
 def train_loader(manifest: Manifest, *, rank: int, world_size: int, batch_size: int, accum_steps: int,
                  image_size: int, workers: int, seed: int, epoch: int, skip_batches: int = 0,
                  min_crop_scale: float = 0.25, shuffle_buffer: int = 1000, pin_memory: bool = False,
-                 read_piece=PieceReader(), decode_on_device: bool = False) -> tuple[DataLoader, int]:
+                 read_piece=PieceReader(), decode_on_device: bool = False,
+                 planned: tuple[list[list[Piece]], list[int]] | None = None) -> tuple[DataLoader, int]:
     """The loader of one rank for one epoch, and the number of micro-batches it yields (equal on every rank).
-    With `decode_on_device` its batches hold EncodedBatch instead of images (see device_decode.py)."""
-    split = manifest.split("train")
-    steps = train_batches_per_rank(split.num_samples, world_size, batch_size, accum_steps)
+    With `decode_on_device` its batches hold EncodedBatch instead of images (see device_decode.py). `planned`:
+    (slots rank-major, samples per worker) planned elsewhere (replan.py: the rest of an interrupted epoch)."""
     slots_per_rank = max(1, workers)
-    per_worker = [b * batch_size for b in even_split(steps, slots_per_rank)]
-    slots = cut_ranges(epoch_shards(manifest, "train", seed, epoch, shuffle=True), per_worker * world_size)
+    if planned is None:
+        steps = train_batches_per_rank(manifest.split("train").num_samples, world_size, batch_size, accum_steps)
+        per_worker = [b * batch_size for b in even_split(steps, slots_per_rank)]
+        slots = cut_ranges(epoch_shards(manifest, "train", seed, epoch, shuffle=True), per_worker * world_size)
+        stream_seed = (seed, epoch, rank)
+    else:
+        (slots, per_worker), stream_seed = planned, (seed, epoch, rank, "rest")
     mine = slots[rank * slots_per_rank:(rank + 1) * slots_per_rank]
     stream = SlotStream(mine, per_worker, Preprocess(True, image_size, min_crop_scale), batch_size, train=True,
-                        seed=(seed, epoch, rank), shuffle_buffer=shuffle_buffer, skip_batches=skip_batches,
+                        seed=stream_seed, shuffle_buffer=shuffle_buffer, skip_batches=skip_batches,
                         read_piece=read_piece, encoded=decode_on_device)
-    return _loader(stream, workers, pin_memory), steps - skip_batches
+    return _loader(stream, workers, pin_memory), sum(per_worker) // batch_size - skip_batches
 
 
 def eval_loader(manifest: Manifest, split: str, *, rank: int, world_size: int, batch_size: int,

@@ -26,6 +26,7 @@ from distributed_train.ema import WeightEMA
 from distributed_train.evaluate import evaluate
 from distributed_train.logger import Logger
 from distributed_train.model import build_model, load_torchvision_state_dict
+from distributed_train.replan import EpochPlan, carried_over, keep_global_batch
 from shard_tools.errors import CheckpointError, UsageError
 from shard_tools.fileio import write_json_atomic
 from shard_tools.manifest import Manifest
@@ -46,25 +47,23 @@ def train(cfg: Config) -> int:
 
 def run(cfg: Config, ctx: dist.DistContext) -> int:
     manifest = Manifest.read(cfg.data)
-    cfg = resolve(cfg, device=ctx.device, world_size=ctx.world_size, local_ranks=local_ranks(),
-                  train_samples=manifest.split("train").num_samples)
     saved = checkpoint.load_latest(cfg.run_dir)
-    unapplied = []
-    if saved is not None:
-        check_compatible(saved, cfg, manifest)
-        cfg, unapplied = optimizer_settings_in_use(cfg, saved)
+    cfg, plan, warnings = job_settings(cfg, ctx, manifest, saved)
     public_config = {**cfg.to_dict(), "data": redact(cfg.data), "world_size": ctx.world_size}
     prepare_run_dir(cfg.run_dir, public_config, ctx.is_main)
     stop = dist.StopFlag(os.path.join(cfg.run_dir, "STOP"), ctx.is_main)
     configure_torch(cfg, ctx.device)
 
     state = TrainState.create(cfg, ctx, manifest.num_classes, saved)
+    if saved is not None:
+        state.epoch_started = carried_over(saved, plan)
+        if state.epoch_started is not None and saved.get("epoch_started") is None:
+            state.batches_done = 0  # the rest of the epoch is counted in the new plan's micro-batches
     log = Logger(cfg.run_dir, ctx.is_main, cfg.wandb, cfg.wandb_project, state.wandb_id, public_config)
     state.wandb_id = log.wandb_id
-    if unapplied:
-        log.warn("resuming restores the optimizer and schedule from the checkpoint, so these settings are not used: "
-                 + "; ".join(unapplied) + ". Start a new --run-dir to train with them.")
-    data = RunData(cfg, ctx, manifest, state.memory_format)
+    for warning in warnings:
+        log.warn(warning)
+    data = RunData(cfg, ctx, manifest, state.memory_format, state.epoch, state.epoch_started)
     meta = {"arch": cfg.arch, "width": cfg.width, "image_size": cfg.image_size, "classes": manifest.classes,
             "mean": manifest.stats.mean, "std": manifest.stats.std}
 
@@ -72,7 +71,7 @@ def run(cfg: Config, ctx: dist.DistContext) -> int:
         error = None
         if ctx.is_main:
             try:
-                checkpoint.save({**state.state_dict(), "config": public_config,
+                checkpoint.save({**state.state_dict(), "plan": plan.to_dict(), "config": public_config,
                                  "meta": {**meta, "wandb_id": state.wandb_id}},
                                 cfg.run_dir, state.step, cfg.keep_checkpoints, best=best)
             except checkpoint.SaveError as e:
@@ -92,9 +91,9 @@ def run(cfg: Config, ctx: dist.DistContext) -> int:
             exit_code = train_one_epoch(state, batches, data, cfg, ctx, log, stop, save)
         if exit_code:
             break
-        epoch_finished = state.batches_done >= data.micro_per_epoch
+        epoch_finished = state.batches_done >= data.micro_in(state.epoch)
         if epoch_finished:
-            state.epoch, state.batches_done = state.epoch + 1, 0
+            state.epoch, state.batches_done, state.epoch_started = state.epoch + 1, 0, None
         if state.step >= cfg.max_steps or (epoch_finished and state.epoch % cfg.eval_every == 0):
             save(best=validate(state, data, log, manifest.classes) if data.has_validation else False)
     if exit_code == 0:
@@ -110,6 +109,21 @@ def local_ranks() -> int:
 
 def global_batch(cfg: Config, ctx: dist.DistContext) -> int:
     return cfg.batch_size * ctx.world_size * cfg.accum_steps
+
+
+def job_settings(cfg: Config, ctx: dist.DistContext, manifest: Manifest, saved: dict | None):
+    """-> `cfg` made concrete for this job (on resume: with the checkpoint's global batch, lr and weight decay), its
+    epoch plan, and the warnings to show."""
+    warnings = []
+    if saved is not None:
+        check_compatible(saved, cfg, manifest)
+        cfg, warnings = same_global_batch(cfg, saved, ctx.world_size)
+    cfg = resolve(cfg, device=ctx.device, world_size=ctx.world_size, local_ranks=local_ranks(),
+                  train_samples=manifest.split("train").num_samples)
+    if saved is not None:
+        cfg, unapplied = optimizer_settings_in_use(cfg, saved)
+        warnings += unapplied
+    return cfg, EpochPlan(ctx.world_size, cfg.batch_size, cfg.accum_steps, cfg.workers, cfg.shuffle_buffer), warnings
 
 
 def prepare_run_dir(run_dir: str, public_config: dict, is_main: bool) -> None:
@@ -151,6 +165,7 @@ class TrainState:
     batches_done: int = 0  # micro-batches of the current epoch already trained on
     best_top1: float = -1.0
     wandb_id: str | None = None
+    epoch_started: dict | None = None  # the current epoch began under another plan (replan.carried_over)
 
     @classmethod
     def create(cls, cfg: Config, ctx: dist.DistContext, num_classes: int, saved: dict | None = None) -> "TrainState":
@@ -190,7 +205,8 @@ class TrainState:
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else {},
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "rng": checkpoint.capture_rng(), "step": self.step,
-                "epoch": self.epoch, "batches_done": self.batches_done, "best_top1": self.best_top1}
+                "epoch": self.epoch, "batches_done": self.batches_done, "best_top1": self.best_top1,
+                "epoch_started": self.epoch_started}
 
     def load_state_dict(self, saved: dict) -> None:
         self.model.load_state_dict(saved["model"])
@@ -364,6 +380,19 @@ def finish(state: TrainState, run_dir: str, log: Logger, is_main: bool) -> None:
 
 
 # ---- starting from saved weights -------------------------------------------------------------------------------------
+def same_global_batch(cfg: Config, saved: dict, world_size: int) -> tuple[Config, list[str]]:
+    """On another number of ranks, the per-rank batch or the accumulation changes so that the global batch, and
+    with it the lr and the steps per epoch, stay the checkpoint's."""
+    before = saved["config"]
+    if before["world_size"] == world_size:
+        return cfg, []
+    batch_size, accum_steps = keep_global_batch(cfg.batch_size, cfg.accum_steps, world_size, before["batch_size"]
+                                                * before["world_size"] * before["accum_steps"])
+    return dataclasses.replace(cfg, batch_size=batch_size, accum_steps=accum_steps), [
+        f"resuming a run of {before['world_size']} ranks on {world_size}: --batch-size {batch_size} --accum-steps "
+        f"{accum_steps} keep its global batch"]
+
+
 def optimizer_settings_in_use(cfg: Config, saved: dict) -> tuple[Config, list[str]]:
     """A resumed run restores its optimizer and schedule from the checkpoint (as torchvision's reference scripts and
     Lightning do), with their peak lr and weight decay: -> the settings with those values, and the ones given now
@@ -375,7 +404,9 @@ def optimizer_settings_in_use(cfg: Config, saved: dict) -> tuple[Config, list[st
         notes.append(f"peak lr {cfg.lr:.4g} (the checkpoint's: {saved_lr:.4g})")
     if not math.isclose(saved_decay, cfg.weight_decay, rel_tol=1e-9):
         notes.append(f"--weight-decay {cfg.weight_decay:g} (the checkpoint's: {saved_decay:g})")
-    return dataclasses.replace(cfg, lr=saved_lr, weight_decay=saved_decay), notes
+    warning = ("resuming restores the optimizer and schedule from the checkpoint, so these settings are not used: "
+               + "; ".join(notes) + ". Start a new --run-dir to train with them.")
+    return dataclasses.replace(cfg, lr=saved_lr, weight_decay=saved_decay), [warning] if notes else []
 
 
 def load_init_weights(model: torch.nn.Module, path: str) -> None:

@@ -17,7 +17,7 @@ from conftest import PYTHON, python_env
 from distributed_train import EXIT_PREEMPTED
 from distributed_train.checkpoint import SaveError
 from distributed_train.run_lock import LOCK_NAME, Holder, RunDirBusy, RunDirLock
-from test_train import run, train_cmd, wait_for
+from test_train import TORCHRUN, run, train_cmd, wait_for, worker_pids
 
 QUICK = ["--workers", "0", "--wandb", "disabled"]
 
@@ -162,3 +162,55 @@ def test_a_preemption_save_that_fails_does_not_ask_for_a_requeue(uneven_shards, 
     assert proc.returncode == SaveError.exit_code != EXIT_PREEMPTED, err[-2000:]
     assert "stop requested: saving step" in out and "cannot save checkpoint step" in err
     assert not (run_dir / "checkpoints" / "latest.pt").exists()
+
+
+# ---- resuming on another number of ranks -------------------------------------------------------------------------------
+def epoch_keys(run_dir, epoch: int) -> list[str]:
+    return [key for f in sorted((run_dir / "samples").glob(f"epoch-{epoch:04d}-rank-*.txt"))
+            for key in f.read_text().split()]
+
+
+def test_two_ranks_stopped_mid_epoch_finish_it_on_one_rank_with_every_sample_once(uneven_shards, tmp_path):
+    """144 training samples, global batch 16: 9 steps per epoch. 2 ranks stop after step 4 of epoch 0; 1 rank
+    finishes the epoch with a per-rank batch of 16 and trains on exactly the samples the 2 ranks had not used."""
+    common = ["--workers", "1", "--wandb", "disabled", "--record-samples", "--eval-every", "100"]
+    reference = tmp_path / "reference"
+    assert run(train_cmd(uneven_shards, reference, "--max-steps", "9", *common, launcher=TORCHRUN)).returncode == 0
+    run_dir = tmp_path / "run"
+    first = run(train_cmd(uneven_shards, run_dir, "--max-steps", "4", *common, launcher=TORCHRUN))
+    assert first.returncode == 0, first.stderr[-2000:]
+    saved = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
+    assert (saved["epoch"], saved["batches_done"]) == (0, 4), "the test needs a stop in the middle of epoch 0"
+
+    refused = run(train_cmd(uneven_shards, run_dir, "--max-steps", "9", *common, "--batch-size", "6",
+                            "--accum-steps", "5"))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    assert refused.stderr.strip().splitlines()[-1].startswith(
+        "distributed_train: error: the checkpoint's global batch of 16 cannot be kept on 1 ranks with --batch-size 6")
+
+    resumed = run(train_cmd(uneven_shards, run_dir, "--max-steps", "9", *common))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming a run of 2 ranks on 1: --batch-size 16 --accum-steps 1 keep its global batch" in resumed.stderr
+    keys = epoch_keys(run_dir, 0)
+    assert len(keys) == len(set(keys)) == 9 * 16, "a sample was used twice, or one was left out"
+    assert set(keys) == set(epoch_keys(reference, 0)), "not the samples the uninterrupted epoch trains on"
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["lr"] == json.loads((reference / "config.json").read_text())["lr"] and config["batch_size"] == 16
+    assert torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)["step"] == 9
+
+
+def test_kill_9_of_one_rank_under_torchrun_max_restarts_resumes_to_the_same_final_step(uneven_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = train_cmd(uneven_shards, run_dir, "--max-steps", "30", "--workers", "0", "--wandb", "disabled",
+                    "--log-every", "1", "--checkpoint-every", "2",
+                    launcher=[PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                              "--max-restarts", "1"])
+    proc = subprocess.Popen(cmd, env=python_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    latest = run_dir / "checkpoints" / "latest.pt"
+    wait_for(lambda: latest.exists() and torch.load(latest, weights_only=True)["step"] >= 4, 180, "a checkpoint")
+    os.kill(worker_pids(proc.pid)[0], signal.SIGKILL)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "resuming at step" in out and "done: 30 steps" in out
+    assert torch.load(latest, weights_only=True)["step"] == 30
+    assert not (run_dir / LOCK_NAME).exists()
