@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 
 
@@ -59,6 +60,9 @@ class Config:
     keep_checkpoints: int = _opt(3, "keep the last K step checkpoints besides latest.pt and best.pt")
     wandb: str = _opt("offline", "offline | online | disabled")
     wandb_project: str = _opt("distributed-train", "W&B project name")
+    wandb_log_model: str = _opt("none", "none | best | all: checkpoints as W&B model artifacts (best: each new "
+                                        "best.pt, or the last checkpoint of a run without validation; all: every "
+                                        "checkpoint saved)")
     on_shard_error: str = _opt("fail", "fail | skip: what to do with a shard that cannot be read after retries")
     verify_shards: bool = _opt(False, "check each shard's sha256 from the manifest while streaming")
     record_samples: bool = _opt(False, "audit: each rank writes the keys it trained on to RUN/samples/")
@@ -75,6 +79,8 @@ class Config:
             problems.append(f"--channels-last {self.channels_last!r}: use auto, on or off")
         if self.decode not in ("workers", "device"):
             problems.append(f"--decode {self.decode!r}: use workers or device")
+        if self.wandb_log_model not in ("none", "best", "all"):
+            problems.append(f"--wandb-log-model {self.wandb_log_model!r}: use none, best or all")
         if self.on_shard_error not in ("fail", "skip"):
             problems.append(f"--on-shard-error {self.on_shard_error!r}: use fail or skip")
         if self.clip_grad_norm < 0:
@@ -134,6 +140,9 @@ def int_at_least(minimum: int):
 def build_parser(prog: str = "python -m distributed_train") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Train a bottleneck ResNet on shards made by shard_tools.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default="", metavar="FILE.yaml",
+                   help="recipe: a YAML file of `flag: value` lines (the flags below, with dashes or underscores); "
+                        "flags on the command line override it (examples in recipes/)")
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         meta = dict(f.metadata)
@@ -147,7 +156,67 @@ def build_parser(prog: str = "python -m distributed_train") -> argparse.Argument
 
 
 def parse_args(argv=None) -> Config:
-    args = build_parser().parse_args(argv)
-    cfg = Config(**vars(args))
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    recipe = argparse.ArgumentParser(add_help=False)
+    recipe.add_argument("--config", default="")
+    path = recipe.parse_known_args(argv)[0].config
+    if path:
+        try:
+            argv = recipe_args(path, parser) + argv  # argparse keeps the last value: the command line wins
+        except RecipeError as e:
+            print(f"distributed_train: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+    args = vars(parser.parse_args(argv))
+    del args["config"]
+    cfg = Config(**args)
     cfg.validate()
     return cfg
+
+
+class RecipeError(ValueError):
+    """A --config file that cannot be used; the message names the file and the key."""
+
+
+YAML_BOOLEANS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
+def recipe_args(path: str, parser: argparse.ArgumentParser) -> list[str]:
+    """A --config YAML file as command-line arguments, each value checked with its flag's own type first so that a
+    bad one is reported with the file and key."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            # BaseLoader keeps every value as the text written, as on a command line (the default loader would read
+            # `channels_last: on` as a boolean and `lr: 1e-3` as a string)
+            recipe = yaml.load(f, Loader=yaml.BaseLoader)
+    except OSError as e:
+        raise RecipeError(f"--config {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"--config {path}: not valid YAML: {' '.join(str(e).split())}") from None
+    if recipe in (None, ""):
+        return []
+    if not isinstance(recipe, dict):
+        raise RecipeError(f"--config {path}: expected `flag: value` lines, found a {type(recipe).__name__}")
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    args = []
+    for key, value in recipe.items():
+        name = key.replace("-", "_")
+        if name not in actions:
+            raise RecipeError(f"--config {path}: unknown key {key!r}: the keys are the trainer's flags (see --help)")
+        flag, action = "--" + name.replace("_", "-"), actions[name]
+        if not isinstance(value, str):
+            raise RecipeError(f"--config {path}: {key}: expected one value, found a {type(value).__name__}")
+        if isinstance(action, argparse.BooleanOptionalAction):
+            if value.lower() not in YAML_BOOLEANS:
+                raise RecipeError(f"--config {path}: {key}: {value!r} is not true or false")
+            args.append(flag if YAML_BOOLEANS[value.lower()] else "--no-" + flag[2:])
+            continue
+        try:
+            action.type(value)
+        except (ValueError, argparse.ArgumentTypeError):
+            raise RecipeError(f"--config {path}: {key}: {value!r} is not {'an' if action.type is int else 'a'} "
+                              f"{action.type.__name__}") from None
+        args.append(f"{flag}={value}")  # one token: a value starting with '-' is not read as a flag
+    return args

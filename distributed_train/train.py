@@ -194,6 +194,7 @@ def _train(cfg: Config, ctx: dist.DistContext) -> int:
     ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if ctx.distributed else model
     step_model = torch.compile(ddp_model) if cfg.compile else ddp_model
     log = Logger(run_dir, ctx.is_main, cfg.wandb, cfg.wandb_project, wandb_id, public_config)
+    log.use_dataset(public_config["data"], manifest.to_dict())
     unapplied = unapplied_on_resume(state, lr, cfg.weight_decay) if state is not None else []
     if unapplied:
         log.warn("resuming restores the optimizer and schedule from the checkpoint, so these settings are not used: "
@@ -209,14 +210,21 @@ def _train(cfg: Config, ctx: dist.DistContext) -> int:
 
     def save(best: bool = False) -> None:
         if ctx.is_main:
-            checkpoint.save({
+            path = checkpoint.save({
                 "model": model.state_dict(), "ema": ema.state_dict() if ema is not None else {},
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "rng": checkpoint.capture_rng(),
                 "step": step, "epoch": epoch, "batches_done": batches_done, "best_top1": best_top1,
                 "config": public_config, "meta": meta,
             }, run_dir, step, cfg.keep_checkpoints, best=best)
+            if cfg.wandb_log_model == "all" or (best and cfg.wandb_log_model == "best"):
+                log_model(path, best)
         dist.barrier()  # nobody exits (and gets the job torn down) while rank 0 is still writing
+
+    def log_model(path: str, best: bool) -> None:
+        log.log_model(path, aliases=[f"step-{step}", "latest"] + ["best"] * best,
+                      metadata={"step": step, "epoch": epoch, "best_val_top1": best_top1 if best_top1 >= 0 else None,
+                                **{k: meta[k] for k in ("arch", "width", "image_size", "classes")}})
 
     def validate() -> bool:
         """Evaluate (the EMA weights if kept), log, and say whether this is the best top-1 so far."""
@@ -332,6 +340,8 @@ def _train(cfg: Config, ctx: dist.DistContext) -> int:
             save(best=validate() if has_val else False)
 
     if ctx.is_main and exit_code == 0:
+        if cfg.wandb_log_model == "best" and best_top1 < 0:  # no validation split: the last checkpoint stands in
+            log_model(checkpoint.latest_path(run_dir), best=False)
         from distributed_train.plots import plot_training_curves
 
         plot_training_curves(os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "training_curves.png"))
