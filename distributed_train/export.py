@@ -69,7 +69,7 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: str, metadata: d
 def export_torchscript(module: nn.Module, example: torch.Tensor, path: str, metadata: dict[str, str]) -> None:
     # Traced: the network has no data-dependent control flow, and tracing needs no TorchScript annotations. No
     # check_trace: it traces twice more to compare graphs, many times the cost of the trace itself.
-    with warnings.catch_warnings():  # PyTorch deprecates TorchScript (the help of --format says so): once is enough
+    with warnings.catch_warnings():  # PyTorch deprecates TorchScript: --format's help says so, not three warnings
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
         traced = torch.jit.trace(module, example, check_trace=False)
         torch.jit.save(traced, path, _extra_files=metadata)
