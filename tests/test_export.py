@@ -171,11 +171,12 @@ def test_the_readme_snippet_classifies_a_photo_with_onnxruntime_alone(onnx_file,
     code = snippet.replace('"mushrooms.onnx"', repr(str(onnx_file))).replace('"photo.jpg"', repr(str(photo)))
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
-    # Pillow's resize is not torchvision's to the last bit: close, not equal, to the trainer's preprocessing.
+    # Pillow's resize is not torchvision's to the last bit: close to the trainer's logits, not equal; a resize to
+    # another size or a crop elsewhere lands well outside this margin.
     preprocess = Preprocess(train=False, image_size=IMAGE_SIZE)
     expected = trainer_logits(state, "ema", preprocess.transform(decode_image(str(photo), mode=ImageReadMode.RGB))[None])
     assert namespace["x"].shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
-    assert np.abs(namespace["logits"] - expected[0]).max() < 0.05 * np.abs(expected).max()
+    assert np.abs(namespace["logits"] - expected[0]).max() < 0.01 * np.abs(expected).max()
     assert capsys.readouterr().out.split()[0] in {name.split()[0] for name in CLASSES}
 
 
