@@ -94,8 +94,8 @@ class Logger:
         with artifact.new_file("manifest.json", mode="w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2)
         if self.wandb.offline:
-            # use_artifact refuses offline runs. For a new artifact it logs it marked "use after commit" (the
-            # private call below), a mark that `wandb sync` replays: the same record, written for later upload.
+            # use_artifact refuses offline runs, though for a new artifact it does no more than this private call,
+            # whose "use after commit" mark `wandb sync` replays on upload.
             self.wandb._log_artifact(artifact, is_user_created=True, use_after_commit=True)
         else:
             self.wandb.use_artifact(artifact)
