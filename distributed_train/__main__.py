@@ -6,8 +6,7 @@ from shard_tools.cli import run_main
 
 
 def main(argv=None) -> int:
-    cfg = parse_args(argv)
-    return run_main("distributed_train", lambda: train(cfg))
+    return run_main("distributed_train", lambda: train(parse_args(argv)))
 
 
 def train(cfg: Config) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass, field
 
 from shard_tools.errors import UsageError
@@ -79,6 +80,9 @@ class Config:
                                  valid=AT_LEAST_0)
     wandb: str = _opt("offline", "W&B mode", choices=("offline", "online", "disabled"))
     wandb_project: str = _opt("distributed-train", "W&B project name")
+    wandb_log_model: str = _opt("none", "checkpoints as W&B model artifacts (best: each new best.pt, or the last "
+                                        "checkpoint of a run without validation; all: every checkpoint saved)",
+                                choices=("none", "best", "all"))
     on_shard_error: str = _opt("fail", "what to do with a shard that cannot be read after retries",
                                choices=("fail", "skip"))
     verify_shards: bool = _opt(False, "check each shard's sha256 from the manifest while streaming")
@@ -178,6 +182,7 @@ def checked(parse, valid: tuple | None):
         if not valid[1](value):
             raise argparse.ArgumentTypeError(f"must be {valid[0]}, got {text}")
         return value
+    parse_checked.__name__ = parse.__name__  # argparse names the type in its messages
     return parse_checked
 
 
@@ -189,6 +194,9 @@ def int_at_least(minimum: int):
 def build_parser(prog: str = "python -m distributed_train") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Train a bottleneck ResNet on shards made by shard_tools.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default="", metavar="FILE.yaml",
+                   help="recipe: a YAML file of `flag: value` lines (the flags below, with dashes or underscores); "
+                        "flags on the command line override it (examples in recipes/)")
     for f in dataclasses.fields(Config):
         meta = f.metadata
         if f.type in ("bool", bool):
@@ -202,5 +210,67 @@ def build_parser(prog: str = "python -m distributed_train") -> argparse.Argument
 
 
 def parse_args(argv=None) -> Config:
-    args = build_parser().parse_args(argv)
-    return Config(**vars(args))
+    """The command line, after the --config recipe's settings when one is given (the command line wins)."""
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    recipe = argparse.ArgumentParser(add_help=False)
+    recipe.add_argument("--config", default="")
+    path = recipe.parse_known_args(argv)[0].config
+    if path:
+        argv = recipe_args(path, parser) + argv  # argparse keeps the last value: the command line wins
+    args = vars(parser.parse_args(argv))
+    del args["config"]
+    return Config(**args)
+
+
+class RecipeError(UsageError):
+    """A --config file that cannot be used; the message names the file and the key."""
+
+
+YAML_BOOLEANS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
+def recipe_args(path: str, parser: argparse.ArgumentParser) -> list[str]:
+    """A --config YAML file as command-line arguments, each value checked with its flag's own type first so that a
+    bad one is reported with the file and key."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            # BaseLoader keeps every value as the text written, as on a command line (the default loader would read
+            # `channels_last: on` as a boolean and `lr: 1e-3` as a string)
+            recipe = yaml.load(f, Loader=yaml.BaseLoader)
+    except OSError as e:
+        raise RecipeError(f"--config {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"--config {path}: not valid YAML: {' '.join(str(e).split())}") from None
+    if recipe in (None, ""):
+        return []
+    if not isinstance(recipe, dict):
+        raise RecipeError(f"--config {path}: expected `flag: value` lines, found a {type(recipe).__name__}")
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    args = []
+    for key, value in recipe.items():
+        name = key.replace("-", "_")
+        if name not in actions:
+            raise RecipeError(f"--config {path}: unknown key {key!r}: the keys are the trainer's flags (see --help)")
+        flag, action = "--" + name.replace("_", "-"), actions[name]
+        if not isinstance(value, str):
+            raise RecipeError(f"--config {path}: {key}: expected one value, found a {type(value).__name__}")
+        if isinstance(action, argparse.BooleanOptionalAction):
+            if value.lower() not in YAML_BOOLEANS:
+                raise RecipeError(f"--config {path}: {key}: {value!r} is not true or false")
+            args.append(flag if YAML_BOOLEANS[value.lower()] else "--no-" + flag[2:])
+            continue
+        try:
+            parsed = action.type(value)
+        except argparse.ArgumentTypeError as e:  # out of the field's range
+            raise RecipeError(f"--config {path}: {key}: {e}") from None
+        except ValueError:
+            kind = action.type.__name__
+            raise RecipeError(f"--config {path}: {key}: {value!r} is not {'an' if kind == 'int' else 'a'} {kind}") \
+                from None
+        if action.choices and parsed not in action.choices:
+            raise RecipeError(f"--config {path}: {key}: {value!r}: use {', '.join(action.choices)}")
+        args.append(f"{flag}={value}")  # one token: a value starting with '-' is not read as a flag
+    return args

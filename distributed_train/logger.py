@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 
@@ -87,6 +88,36 @@ class Logger:
         if self.enabled and self.wandb is not None:
             self.wandb.log({f"{prefix}/acc_{name}": acc for name, acc in zip(class_names, accuracies)
                             if acc is not None}, step=step)
+
+    def use_dataset(self, location: str, manifest: dict) -> None:
+        """The dataset's manifest.json as a W&B dataset artifact that this run uses, so that W&B's lineage links the
+        shards (the manifest lists each one's sha256) to the models trained on them. `location`: already redacted."""
+        if self.wandb is None:
+            return
+        import wandb
+
+        folder = location.rstrip("/").removesuffix("/manifest.json")
+        name = re.sub(r"[^\w.-]", "-", os.path.basename(folder)) or "dataset"  # W&B's allowed characters
+        artifact = wandb.Artifact(name, type="dataset", metadata={"location": location, "classes": manifest["classes"]})
+        with artifact.new_file("manifest.json", mode="w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2)
+        if self.wandb.offline:
+            # use_artifact refuses offline runs, though for a new artifact it does no more than this private call,
+            # whose "use after commit" mark `wandb sync` replays on upload.
+            self.wandb._log_artifact(artifact, is_user_created=True, use_after_commit=True)
+        else:
+            self.wandb.use_artifact(artifact)
+
+    def log_model(self, checkpoint_path: str, aliases: list[str], metadata: dict) -> None:
+        """A checkpoint as a new version of this run's model artifact (`model-<run id>`, as Lightning names it).
+        W&B copies the file into its staging folder now: the checkpoint may be replaced or deleted after this."""
+        if self.wandb is None:
+            return
+        import wandb
+
+        artifact = wandb.Artifact(f"model-{self.wandb.id}", type="model", metadata=metadata)
+        artifact.add_file(checkpoint_path, name="checkpoint.pt")
+        self.wandb.log_artifact(artifact, aliases=aliases)
 
     def close(self, exit_code: int = 0) -> None:
         """`exit_code`: the trainer's own, recorded in the W&B run (non-zero: diverged or preempted)."""

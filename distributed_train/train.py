@@ -61,6 +61,7 @@ def run(cfg: Config, ctx: dist.DistContext) -> int:
             state.batches_done = 0  # the rest of the epoch is counted in the new plan's micro-batches
     log = Logger(cfg.run_dir, ctx.is_main, cfg.wandb, cfg.wandb_project, state.wandb_id, public_config)
     state.wandb_id = log.wandb_id
+    log.use_dataset(public_config["data"], manifest.to_dict())
     for warning in warnings:
         log.warn(warning)
     data = RunData(cfg, ctx, manifest, state.memory_format, state.epoch, state.epoch_started)
@@ -71,11 +72,14 @@ def run(cfg: Config, ctx: dist.DistContext) -> int:
         error = None
         if ctx.is_main:
             try:
-                checkpoint.save({**state.state_dict(), "plan": plan.to_dict(), "config": public_config,
-                                 "meta": {**meta, "wandb_id": state.wandb_id}},
-                                cfg.run_dir, state.step, cfg.keep_checkpoints, best=best)
+                path = checkpoint.save({**state.state_dict(), "plan": plan.to_dict(), "config": public_config,
+                                        "meta": {**meta, "wandb_id": state.wandb_id}},
+                                       cfg.run_dir, state.step, cfg.keep_checkpoints, best=best)
             except checkpoint.SaveError as e:
                 error = e
+            else:
+                if cfg.wandb_log_model == "all" or (best and cfg.wandb_log_model == "best"):
+                    log_model(log, path, state, meta, best)
         # Every rank waits for rank 0's write (nobody exits while it is writing) and stops with it if it failed.
         if not dist.everyone(error is None):
             log.close(checkpoint.SaveError.exit_code)
@@ -97,6 +101,8 @@ def run(cfg: Config, ctx: dist.DistContext) -> int:
         if state.step >= cfg.max_steps or (epoch_finished and state.epoch % cfg.eval_every == 0):
             save(best=validate(state, data, log, manifest.classes) if data.has_validation else False)
     if exit_code == 0:
+        if ctx.is_main and cfg.wandb_log_model == "best" and state.best_top1 < 0:  # no validation: the last stands in
+            log_model(log, checkpoint.latest_path(cfg.run_dir), state, meta, best=False)
         finish(state, cfg.run_dir, log, ctx.is_main)
     log.close(exit_code)
     return exit_code
@@ -368,6 +374,14 @@ def validate(state: TrainState, data: RunData, log: Logger, classes: list[str]) 
     log.log_confusion(result["confusion"], classes, state.step, os.path.join(log.run_dir, "confusion_matrix.png"))
     log.log_per_class(result["per_class_accuracy"], classes, state.step)
     return is_best
+
+
+def log_model(log: Logger, path: str, state: TrainState, meta: dict, best: bool) -> None:
+    """A saved checkpoint as a version of the run's W&B model artifact (--wandb-log-model)."""
+    log.log_model(path, aliases=[f"step-{state.step}", "latest"] + ["best"] * best,
+                  metadata={"step": state.step, "epoch": state.epoch,
+                            "best_val_top1": state.best_top1 if state.best_top1 >= 0 else None,
+                            **{k: meta[k] for k in ("arch", "width", "image_size", "classes")}})
 
 
 def finish(state: TrainState, run_dir: str, log: Logger, is_main: bool) -> None:

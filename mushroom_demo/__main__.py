@@ -28,6 +28,11 @@ class StepFailed(Error):
     """A command of the demo failed; its own error is printed above."""
 
 
+# The recipe, also in recipes/demo.yaml (with the default --epochs and --wandb below); a test keeps the two equal.
+TRAIN_FLAGS = ["--arch", "resnet26", "--width", "0.25", "--image-size", "64", "--batch-size", "32", "--lr", "0.2",
+               "--ema-decay", "0.99", "--workers", "1", "--log-every", "10", "--eval-every", "5"]
+
+
 def run(cmd: list[str], capture: bool = False) -> str:
     print("\n$ " + shlex.join(cmd), flush=True)
     result = subprocess.run(cmd, text=True, stdout=subprocess.PIPE if capture else None)
@@ -67,9 +72,8 @@ def demo(args) -> int:
     print(f"\n3/5 training on {nproc} {'GPU' if gpus else 'CPU process'}{'es' if nproc > 1 and not gpus else ''}"
           f"{'s' if nproc > 1 and gpus else ''}", flush=True)
     run([py, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "distributed_train",
-         "--data", str(shards), "--run-dir", str(run_dir), "--arch", "resnet26", "--width", "0.25",
-         "--image-size", "64", "--batch-size", "32", "--epochs", str(args.epochs), "--lr", "0.2",
-         "--ema-decay", "0.99", "--workers", "1", "--log-every", "10", "--eval-every", "5", "--wandb", args.wandb])
+         "--data", str(shards), "--run-dir", str(run_dir), *TRAIN_FLAGS, "--epochs", str(args.epochs),
+         "--wandb", args.wandb])
 
     best = run_dir / "checkpoints" / "best.pt"
     print("\n4/5 evaluating the best checkpoint on the validation split", flush=True)

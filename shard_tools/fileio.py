@@ -10,24 +10,31 @@ from typing import BinaryIO, Iterator
 
 
 @contextlib.contextmanager
-def atomic_write(path: str, mode: str = "wb", *, fsync: bool = False) -> Iterator:
-    """Write `path` through a hidden temporary file in the same folder, renamed into place only when the block ends
-    without an error: readers see the old file or the whole new one, never part of one, and a failed write (a full
-    disk) leaves no temporary file behind. `fsync` for files that must survive a machine crash (the manifest)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=folder)
+def atomic_path(path: str) -> Iterator[str]:
+    """A hidden temporary path in `path`'s folder, renamed onto `path` only when the block ends without an error:
+    readers see the old file or the whole new one, never part of one, and a failed write (a full disk) leaves no
+    temporary file behind."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial",
+                               dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            yield f
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
+        yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: others on a shared cluster must be able to read it
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "wb", *, fsync: bool = False) -> Iterator:
+    """`atomic_path` as an open file. `fsync` for files that must survive a machine crash (the manifest)."""
+    with atomic_path(path) as tmp, open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+        yield f
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def _umask() -> int:
