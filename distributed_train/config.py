@@ -99,6 +99,8 @@ class Config:
                 problems.append(f"{flag(f.name)} must be {meta['valid'][0]}")
         if self.epochs < 1 and self.max_steps < 1:
             problems.append("give --epochs or --max-steps (at least 1)")
+        if self.wandb_log_model != "none" and self.wandb == "disabled":
+            problems.append(f"--wandb-log-model {self.wandb_log_model} needs --wandb offline or online")
         if self.init_from and not os.path.isfile(self.init_from):
             problems.append(f"--init-from {self.init_from}: no such file")
         if os.path.exists(self.run_dir) and not os.path.isdir(self.run_dir):

@@ -129,6 +129,8 @@ def test_a_config_made_in_code_is_checked_by_the_same_rules():
                      "give --epochs or --max-steps"):
         assert expected in message, message
     Config(data="d", run_dir="r").validate()  # the defaults pass
+    with pytest.raises(UsageError, match="--wandb-log-model best needs --wandb offline or online"):
+        Config(data="d", run_dir="r", wandb="disabled", wandb_log_model="best").validate()
 
 
 def test_config_arch_names_are_the_models():
