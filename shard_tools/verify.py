@@ -1,20 +1,15 @@
-"""Check a built dataset against its manifest: every shard's bytes, sha256 and samples, every image decodes."""
+"""Check a built dataset against its manifest: every shard's bytes, sha256 and samples, every image decodes.
+Works wherever the trainer reads: a local folder, http(s)://, s3:// (through shard_tools.remote)."""
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 
 import torch
-import webdataset as wds
 from torchvision.io import decode_jpeg  # the trainer's decoder (libjpeg-turbo), so "decodes" means the same thing
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from shard_tools.manifest import Manifest, ManifestError, dataset_root
-
-
-def file_sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+from shard_tools.manifest import Manifest, ManifestError
+from shard_tools.remote import _HashingReader, open_stream, redact, shard_name
 
 
 def verify_dataset(location: str) -> list[str]:
@@ -23,35 +18,54 @@ def verify_dataset(location: str) -> list[str]:
         manifest = Manifest.read(location)
     except ManifestError as e:
         return [str(e)]
-    root = dataset_root(location)
     problems, keys = [], set()
     for split_name, split in manifest.splits.items():
         counts = [0] * manifest.num_classes
-        for shard in split.shards:
-            path = os.path.join(root, shard.name)
-            if not os.path.isfile(path):
+        for shard, url in zip(split.shards, manifest.shard_urls(location, split_name)):
+            try:
+                reader = _HashingReader(open_stream(url), shard_name(url), hashing=True)
+            except FileNotFoundError:
                 problems.append(f"{shard.name}: missing")
                 continue
-            if os.path.getsize(path) != shard.bytes:
-                problems.append(f"{shard.name}: {os.path.getsize(path)} bytes, manifest says {shard.bytes}")
-            if file_sha256(path) != shard.sha256:
-                problems.append(f"{shard.name}: sha256 differs from the manifest (corrupted or replaced)")
-            n = 0
+            except OSError as e:  # refused, unreachable: one line, then the next shard
+                problems.append(f"{shard.name}: cannot be opened ({redact(str(e))})")
+                continue
+            n, complete = 0, True
             try:
-                for sample in wds.WebDataset(path, shardshuffle=False, empty_check=False):
+                for sample in group_by_keys(tar_file_expander([dict(url=url, stream=reader)])):
                     n += 1
                     problem = _check_sample(sample, manifest, keys)
                     if problem:
                         problems.append(f"{shard.name}: sample {sample.get('__key__')}: {problem}")
                     else:
                         counts[int(sample["cls"])] += 1
-            except Exception as e:  # a broken tar stream: report it and go on with the next shard
-                problems.append(f"{shard.name}: unreadable after {n} samples ({type(e).__name__}: {e})")
+                reader.drain()  # the sha256 and size cover the tar's padding after its end marker too
+            except Exception as e:  # a broken tar stream or a dropped connection: report it, go on
+                detail = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+                problems.append(f"{shard.name}: unreadable after {n} samples ({type(e).__name__}: "
+                                f"{redact(detail)})")
+                complete = _drain(reader)
+            finally:
+                reader.close()
+            if complete and reader.bytes != shard.bytes:
+                problems.append(f"{shard.name}: {reader.bytes} bytes, manifest says {shard.bytes}")
+            if complete and reader.sha256.hexdigest() != shard.sha256:
+                problems.append(f"{shard.name}: sha256 differs from the manifest (corrupted or replaced)")
             if n != shard.num_samples:
                 problems.append(f"{shard.name}: {n} samples, manifest says {shard.num_samples}")
         if not problems and counts != split.class_counts:
             problems.append(f"split '{split_name}': class counts {counts}, manifest says {split.class_counts}")
     return problems
+
+
+def _drain(reader: _HashingReader) -> bool:
+    """Read a broken shard to its end, so that its size and sha256 can still be compared; False if the stream
+    itself fails (the shard is then reported as unreadable only)."""
+    try:
+        reader.drain()
+        return True
+    except Exception:
+        return False
 
 
 def _check_sample(sample: dict, manifest: Manifest, keys: set) -> str | None:
