@@ -11,6 +11,8 @@ import time
 
 import numpy as np
 
+from shard_tools.remote import redact
+
 
 class Logger:
     def __init__(self, run_dir: str, enabled: bool, wandb_mode: str = "disabled", wandb_project: str = "",
@@ -26,6 +28,7 @@ class Logger:
         if wandb_mode != "disabled":
             import wandb
 
+            argv, sys.argv = sys.argv, [redact(a) for a in sys.argv]  # W&B records the command line, URLs too
             try:
                 self.wandb = wandb.init(project=wandb_project, dir=run_dir, mode=wandb_mode, config=config,
                                         id=wandb_id, resume="allow", name=os.path.basename(os.path.abspath(run_dir)))
@@ -33,6 +36,8 @@ class Logger:
                 reason = (str(e).strip().splitlines() or [""])[0]
                 raise SystemExit(f"W&B ({wandb_mode}): {reason} For --wandb online, run `wandb login` or set "
                                  "WANDB_API_KEY; or train with --wandb offline and upload later with `wandb sync`.")
+            finally:
+                sys.argv = argv
             self.wandb_id = self.wandb.id
 
     def info(self, message: str) -> None:
