@@ -198,6 +198,11 @@ def _train(cfg: Config, ctx: dist.DistContext) -> int:
     if unapplied:
         log.warn("resuming restores the optimizer and schedule from the checkpoint, so these settings are not used: "
                  + "; ".join(unapplied) + ". Start a new --run-dir to train with them.")
+    if state is not None and state.get("total_steps", total_steps) != total_steps:
+        log.warn(schedule_change(state, step, total_steps, scheduler))
+    if cfg.decode == "device" and device.type != "cuda" and not cfg.synthetic:
+        log.warn("--decode device without a GPU decodes every batch on the CPU in the training process, between "
+                 "steps: slower than --decode workers, which is what to use here")
     mean, std = stats_tensors(manifest.stats.mean, manifest.stats.std, device)
     shards_skipped = multiprocessing.Value("i", 0)  # counted in the DataLoader workers, logged here
     read_piece = PieceReader(cfg.on_shard_error, shard_digests(manifest, cfg.data) if cfg.verify_shards else None,
@@ -214,6 +219,7 @@ def _train(cfg: Config, ctx: dist.DistContext) -> int:
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "rng": checkpoint.capture_rng(),
                 "step": step, "epoch": epoch, "batches_done": batches_done, "best_top1": best_top1,
+                "total_steps": total_steps,
                 "config": public_config, "meta": meta,
             }, run_dir, step, cfg.keep_checkpoints, best=best)
         dist.barrier()  # nobody exits (and gets the job torn down) while rank 0 is still writing
@@ -373,6 +379,16 @@ def unapplied_on_resume(state: dict, lr: float, weight_decay: float) -> list[str
     if not math.isclose(saved_decay, weight_decay, rel_tol=1e-9):
         notes.append(f"--weight-decay {weight_decay:g} (the checkpoint's: {saved_decay:g})")
     return notes
+
+
+def schedule_change(state: dict, step: int, total_steps: int, scheduler) -> str:
+    """The warning for a run resumed with another length: warmup and cosine are recomputed for the new length (as
+    when a torchvision reference run is restarted with more epochs), so the lr steps to the new curve at once."""
+    saved_lr = state["scheduler"]["_last_lr"][0]
+    next_lr = scheduler.base_lrs[0] * scheduler.lr_lambdas[0](step + 1)
+    return (f"the checkpoint's schedule ran to {state['total_steps']} steps, --epochs/--max-steps now give "
+            f"{total_steps}: warmup and cosine are recomputed for {total_steps} steps, so the lr jumps from "
+            f"{saved_lr:.4g} to {next_lr:.4g} after step {step + 1}")
 
 
 def load_init_weights(model: torch.nn.Module, path: str) -> None:
