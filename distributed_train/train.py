@@ -49,9 +49,9 @@ def cpu_has_bf16() -> bool:
 
 
 def auto_workers(device: torch.device, cores: int, local_ranks: int) -> int:
-    """--workers -1. On a GPU, decoding must keep up with it: one worker decodes ~1,200 ResNet-50 images/s (224 px
-    from 256 px JPEGs on a Xeon core), and a compiled bf16 step on an H200 takes ~7,400/s, so up to 8 per GPU, leaving
-    one core for the training loop. On a CPU the cores are better spent on the model (see the thread rule in _train)."""
+    """--workers -1. On a GPU, decoding must keep up with it: up to 8 workers per GPU, leaving one core for the
+    training loop (how many a GPU needs is measured by benchmarks/bench_gpu.py; BENCHMARKS.md). On a CPU the cores are
+    better spent on the model (see the thread rule in _train)."""
     if device.type != "cuda":
         return 4
     return max(1, min(8, cores // local_ranks - 1))
