@@ -4,10 +4,9 @@ The workers then read the shards, draw each image's crop and flip, and send each
 (`EncodedBatch`), decoding nothing; the training
 process decodes the whole batch at once with nvJPEG (`torchvision.io.decode_jpeg(list, device="cuda")`, which uses
 the GPU's hardware JPEG engines where it has them) and crops, resizes and flips on the GPU, a batch ahead on a
-background thread. For GPUs with few CPU cores each. Measured on an H200 (BENCHMARKS.md): nvJPEG decodes a batch of
-256 in 7.6 ms, but the per-image crops, launched from Python, cost ~30 ms of host time per batch, so this path
-trains at ~0.63x the speed of decoding in 6 or more workers. On a CPU-only run the same code decodes in the
-training process (for tests, not for speed).
+background thread. For GPUs with few CPU cores each. The per-image crops, launched from Python, cost far more host
+time than the batched decode (BENCHMARKS.md). On a CPU-only run the same code decodes in the training process (for
+tests, not for speed; the trainer warns).
 
 The augmentation is the workers' (RandomResizedCrop + horizontal flip, same parameters), drawn in the worker from
 the batch's own seed, so a resumed run draws the same crops; it is not bit-identical to the workers' path (another

@@ -8,7 +8,6 @@ import tarfile
 
 import boto3
 import numpy as np
-import pytest
 from PIL import Image
 
 from conftest import CLASSES, class_image, write_dataset
