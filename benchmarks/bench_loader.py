@@ -20,8 +20,9 @@
     The shuffle buffer is one batch here too, so the shards' tar streaming is inside the timed window.
 
 Every contender runs in one worker process with one torch thread (DataLoader workers use one), the two alternate in
-ABBA order, a warm-up batch is skipped (worker start-up, shuffle-buffer fill), and the headline is the median of the
-per-round ratios: on a shared machine, neighbours in time see the same load.
+ABBA order, a warm-up batch is skipped (worker start-up, shuffle-buffer fill), every timed window is at least 10x
+the DataLoader's queue (prefetch factor x 1 worker batches, which fill during the warm-up batch), and the headline is
+the median of the per-round ratios: on a shared machine, neighbours in time see the same load.
 """
 from __future__ import annotations
 
@@ -73,6 +74,16 @@ class Timing:
     @property
     def rate(self) -> float:
         return self.images / self.seconds
+
+
+PREFETCH_FACTOR = {"trainer": 4, "seed": 2}  # data.py's DataLoader; the seed's used PyTorch's default
+
+
+def check_window(what: str, batches: int, queue: int) -> None:
+    """A timed window shorter than 10x the loader's queue could be served largely from batches prepared before it."""
+    if batches < 10 * queue:
+        raise SystemExit(f"bench_loader: {what}: {batches} timed batches, need >= {10 * queue} (10x a queue of "
+                         f"{queue}); lower the batch size")
 
 
 def report(title: str, names: tuple[str, str], timings: dict[str, list[Timing]], target: float) -> None:
@@ -142,6 +153,7 @@ def bench_per_worker(args, scratch: Path) -> None:
     shuffle_buffer = args.shuffle_buffer or args.batch_size
     _, batch_keys = time_train_loader(manifest, str(shards), batch_size=args.batch_size,
                                       image_size=args.image_size, epoch=0, shuffle_buffer=shuffle_buffer)
+    check_window("(a) loader", len(batch_keys), PREFETCH_FACTOR["trainer"])
     print(f"(a) per-worker loader: {len(samples)} training images of {args.data.name} in shards --size 256, "
           f"{args.image_size} px crops, batch {args.batch_size}, shuffle buffer {shuffle_buffer}, "
           f"{len(batch_keys)} timed batches (one epoch less the warm-up batch) x {args.rounds} rounds, 1 torch thread")
@@ -251,6 +263,8 @@ def bench_full_size(args, scratch: Path) -> None:
           f"({sum(s.bytes for s in train.shards) / 1e6:.1f} MB) in {build_s:.1f} s = {args.photos / build_s:.1f} "
           f"photos/s with {args.build_workers} build workers")
     batches = train.num_samples // args.full_batch_size - 1
+    check_window("(b) shards", batches, PREFETCH_FACTOR["trainer"])
+    check_window("(b) seed", args.seed_batches, PREFETCH_FACTOR["seed"])
     print(f"(b) full-size photos, 224 px crops, batch {args.full_batch_size}, 1 worker each, {args.rounds} rounds; "
           f"per round: shards {args.shard_epochs} epochs x {batches} timed batches, seed {args.seed_batches} timed "
           f"batches (each after a warm-up batch)")
@@ -280,13 +294,16 @@ def parse_args() -> argparse.Namespace:
                         "at the end")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per contender")
     p.add_argument("--image-size", type=int, default=112, choices=[112, 160], help="(a) crop size")
-    p.add_argument("--batch-size", type=int, default=64, help="(a) batch size")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="(a) batch size; small enough that one epoch of mushvision4 times >= 10x the queue")
     p.add_argument("--shuffle-buffer", type=int, default=0,
                    help="(a) the loader's shuffle buffer; 0 = one batch, so the timed window streams ~all the tar")
     p.add_argument("--photos", type=int, default=200, help="(b) number of generated 3-12 MP photos")
-    p.add_argument("--full-batch-size", type=int, default=32, help="(b) batch size")
-    p.add_argument("--shard-epochs", type=int, default=5, help="(b) epochs per round from the shards (each is short)")
-    p.add_argument("--seed-batches", type=int, default=2, help="(b) timed batches per round of the seed's reader")
+    p.add_argument("--full-batch-size", type=int, default=4,
+                   help="(b) batch size; small enough that each timed window is >= 10x the loader's queue")
+    p.add_argument("--shard-epochs", type=int, default=2, help="(b) epochs per round from the shards")
+    p.add_argument("--seed-batches", type=int, default=20,
+                   help="(b) timed batches per round of the seed's reader (10x its DataLoader's queue of 2)")
     p.add_argument("--build-workers", type=int, default=os.cpu_count(), help="(b) worker processes of the build")
     p.add_argument("--only", choices=["a", "b"], help="run only one of the two comparisons")
     return p.parse_args()

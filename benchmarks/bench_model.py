@@ -2,6 +2,11 @@
 
     python benchmarks/bench_model.py                                   # CPU, resnet50, batch 16 at 128 px, fp32
     python benchmarks/bench_model.py --device cuda --batch-size 256 --image-size 224 --channels-last --amp
+    python benchmarks/bench_model.py --formats --arch resnet26 --width 0.25 --image-size 80 --batch-size 64 --threads 1
+
+--formats compares our model with itself in three formats instead: fp32 contiguous, fp32 channels_last and bf16
+autocast + channels_last (ratios to fp32 contiguous; any --arch and --width, torchvision has neither resnet26 nor
+widths).
 
 Rounds alternate between the two models (ABBA order), so load from other processes on a shared machine hits both
 alike. The headline is the median over rounds of the ratio ours/torchvision within a round: pairing neighbours in time
@@ -25,7 +30,10 @@ TARGET_RATIO = 0.97
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="resnet50", choices=["resnet50", "resnet101", "resnet152"])
+    p.add_argument("--arch", default="resnet50", choices=["resnet26", "resnet50", "resnet101", "resnet152"])
+    p.add_argument("--width", type=float, default=1.0, help="width multiplier (with --formats)")
+    p.add_argument("--formats", action="store_true",
+                   help="our model in fp32, fp32 + channels_last and bf16 + channels_last, not vs torchvision")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--rounds", type=int, default=10, help="timed rounds per model")
@@ -38,68 +46,80 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def train_steps(model, images, labels, steps: int, args) -> None:
-    for _ in range(steps):
-        model.zero_grad(set_to_none=True)
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=args.amp):
-            loss = F.cross_entropy(model(images), labels)
-        loss.backward()
+class Contender:
+    def __init__(self, model: torch.nn.Module, channels_last: bool, amp: bool):
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model, self.amp = model.to(memory_format=self.memory_format).train(), amp
+        self.rates: list[float] = []
+
+    def steps(self, images, labels, steps: int) -> None:
+        images = images.contiguous(memory_format=self.memory_format)
+        for _ in range(steps):
+            self.model.zero_grad(set_to_none=True)
+            with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                loss = F.cross_entropy(self.model(images), labels)
+            loss.backward()
+
+    def timed_round(self, images, labels, steps: int) -> None:
+        """Images/s of one round of `steps` forward+backward steps."""
+        sync = torch.cuda.synchronize if images.device.type == "cuda" else lambda: None
+        sync()
+        start = time.perf_counter()
+        self.steps(images, labels, steps)
+        sync()  # CUDA kernels are asynchronous: stop the clock only when they are done
+        self.rates.append(steps * images.shape[0] / (time.perf_counter() - start))
 
 
-def timed_round(model, images, labels, args) -> float:
-    """Images/s of one round of ``args.steps`` forward+backward steps."""
-    sync = torch.cuda.synchronize if images.device.type == "cuda" else lambda: None
-    sync()
-    start = time.perf_counter()
-    train_steps(model, images, labels, args.steps, args)
-    sync()  # CUDA kernels are asynchronous: stop the clock only when they are done
-    return args.steps * images.shape[0] / (time.perf_counter() - start)
+def contenders(args, device) -> dict[str, Contender]:
+    """name -> contender; the first is the reference the others are divided by."""
+    torch.manual_seed(0)
+    if args.formats:
+        def ours():
+            return build_model(args.arch, num_classes=1000, width=args.width).to(device)
+        return {"fp32": Contender(ours(), False, False), "fp32 + channels_last": Contender(ours(), True, False),
+                "bf16 + channels_last": Contender(ours(), True, True)}
+    if args.arch == "resnet26" or args.width != 1.0:
+        raise SystemExit("bench_model: torchvision has no resnet26 and no widths; add --formats")
+    return {"torchvision": Contender(getattr(torchvision.models, args.arch)().to(device), args.channels_last, args.amp),
+            "ours": Contender(build_model(args.arch, num_classes=1000).to(device), args.channels_last, args.amp)}
 
 
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     device = torch.device(args.device)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-
-    models = {
-        "ours": build_model(args.arch, num_classes=1000),
-        "torchvision": getattr(torchvision.models, args.arch)(),
-    }
-    for model in models.values():
-        model.to(device, memory_format=memory_format).train()
+    models = contenders(args, device)
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
-    images = images.contiguous(memory_format=memory_format)
     labels = torch.randint(0, 1000, (args.batch_size,), device=device)
 
+    what = "formats of ours" if args.formats else ("bf16 autocast" if args.amp else "fp32") + ", " + \
+        ("channels_last" if args.channels_last else "contiguous")
     print(
-        f"{args.arch} fwd+bwd, batch {args.batch_size} at {args.image_size}px, device {device}"
-        f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
-        f"{'bf16 autocast' if args.amp else 'fp32'}, {'channels_last' if args.channels_last else 'contiguous'}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+        f"{args.arch} x{args.width} fwd+bwd, batch {args.batch_size} at {args.image_size}px, device {device}"
+        f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, {what}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.rounds} alternating rounds"
     )
-    for model in models.values():
-        train_steps(model, images, labels, args.warmup, args)
-
-    throughput = {name: [] for name in models}
+    for contender in models.values():
+        contender.steps(images, labels, args.warmup)
     for round_index in range(args.rounds):
-        order = list(models) if round_index % 2 == 0 else list(reversed(models))  # ABBA: no model always goes first
+        order = list(models) if round_index % 2 == 0 else list(reversed(models))  # no model always goes first
         for name in order:
-            throughput[name].append(timed_round(models[name], images, labels, args))
+            models[name].timed_round(images, labels, args.steps)
 
-    for name, rounds in throughput.items():
-        rounds_text = ", ".join(f"{r:.1f}" for r in rounds)
-        median, best = statistics.median(rounds), max(rounds)
-        print(f"{name:12s} median {median:6.1f}  best {best:6.1f} img/s   rounds: {rounds_text}")
-    ratio_of_medians = statistics.median(throughput["ours"]) / statistics.median(throughput["torchvision"])
-    paired = [ours / reference for ours, reference in zip(throughput["ours"], throughput["torchvision"])]
-    ratio = statistics.median(paired)
-    verdict = "meets" if ratio >= TARGET_RATIO else "BELOW"
-    # Best rounds are the least disturbed ones (timeit's reasoning), when the machine had a quiet moment.
-    ratio_of_best = max(throughput["ours"]) / max(throughput["torchvision"])
-    print(f"ours / torchvision = {ratio:.3f} median of per-round ratios ({verdict} target >= {TARGET_RATIO}); "
-          f"ratio of medians {ratio_of_medians:.3f}, of best rounds {ratio_of_best:.3f}")
+    reference_name, reference = next(iter(models.items()))
+    for name, contender in models.items():
+        rounds_text = ", ".join(f"{r:.1f}" for r in contender.rates)
+        print(f"{name:22s} median {statistics.median(contender.rates):6.1f}  best {max(contender.rates):6.1f} img/s"
+              f"   rounds: {rounds_text}")
+    for name, contender in list(models.items())[1:]:
+        paired = statistics.median(a / b for a, b in zip(contender.rates, reference.rates))
+        ratio_of_medians = statistics.median(contender.rates) / statistics.median(reference.rates)
+        # Best rounds are the least disturbed ones (timeit's reasoning), when the machine had a quiet moment.
+        ratio_of_best = max(contender.rates) / max(reference.rates)
+        verdict = "" if args.formats else \
+            f" ({'meets' if paired >= TARGET_RATIO else 'BELOW'} target >= {TARGET_RATIO})"
+        print(f"{name} / {reference_name} = {paired:.3f} median of per-round ratios{verdict}; ratio of medians "
+              f"{ratio_of_medians:.3f}, of best rounds {ratio_of_best:.3f}")
 
 
 if __name__ == "__main__":

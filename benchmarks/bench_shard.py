@@ -1,12 +1,14 @@
 """Shard-building throughput vs. the bare per-image floor, measured side by side in one run.
 
-    python benchmarks/bench_shard.py [--data ../shared/data/mushvision4] [--sizes 256 128] [--repeats 2]
+    python benchmarks/bench_shard.py [--data ../shared/data/mushvision4] [--sizes 256 128] [--rounds 3]
 
-For each --size it times (wall clock and CPU seconds), alternating and keeping each one's best of --repeats runs:
+For each --size it times (wall clock and CPU seconds), in --rounds rounds whose order alternates (ABCD, DCBA, ...):
   floor      one process: open + decode + resize (shorter side <= size) + JPEG encode, no tar, no hashing, no stats
+  floor x2   the same loop split over 2 forked processes: the machine's own ceiling for 2 workers
   build w1   `build_dataset(..., workers=1)`: the whole command (CSV, hashes, split, shards, stats, manifest)
   build w2   the same with 2 worker processes
-and prints images/s with the ratios against the targets: w1 >= 0.9x floor, w2 >= 1.8x w1.
+and prints images/s (medians) with the ratios, each the median of the per-round ratios, against the targets:
+w1 >= 0.9x floor, w2 >= 1.8x w1.
 
 At --size 256 the real photos (160 px short side) are already small RGB JPEGs, so the build stores their original
 bytes and skips the encode the floor pays for; --size 128 makes every image go through decode + resize + encode.
@@ -21,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import io
+import multiprocessing
 import os
+import statistics
 import shutil
 import sys
 import tempfile
@@ -79,28 +83,45 @@ def timed(fn) -> tuple[float, float]:
     return time.perf_counter() - wall, cpu_seconds() - cpu
 
 
+def floor_in_processes(paths: list[str], size: int, quality: int, processes: int) -> None:
+    """The floor loop split over `processes` forked processes: this machine's own parallel ceiling."""
+    chunks = [paths[i::processes] for i in range(processes)]
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        pool.starmap(floor_loop, [(chunk, size, quality) for chunk in chunks])
+
+
 def compare(title: str, images: Path, labels: Path, paths: list[str], size: int, args, out: Path) -> None:
     n = len(paths)
-    names = ["floor", "build w1", "build w2"]
-    wall, cpu = dict.fromkeys(names, float("inf")), dict.fromkeys(names, float("inf"))
-    for _ in range(args.repeats):  # alternate the contenders, so a busy moment of the machine hits all of them
-        runs = {"floor": lambda: floor_loop(paths, size, args.quality)}
-        for w in (1, 2):
-            runs[f"build w{w}"] = lambda w=w: build_dataset(images, labels, out, workers=w, size=size,
-                                                            quality=args.quality, shard_size=args.shard_size,
-                                                            overwrite=True, progress=False)
-        for name, fn in runs.items():
-            w, c = timed(fn)
-            wall[name], cpu[name] = min(wall[name], w), min(cpu[name], c)
-    print(f"\n{title}")
-    for name in names:
-        print(f"  {name:9s} {n / wall[name]:8.1f} images/s   (wall {wall[name]:6.2f} s, CPU {cpu[name]:6.2f} s)")
-    r1, r2 = wall["floor"] / wall["build w1"], wall["build w1"] / wall["build w2"]
+    runs = {
+        "floor": lambda: floor_loop(paths, size, args.quality),
+        "floor x2": lambda: floor_in_processes(paths, size, args.quality, 2),
+        **{f"build w{w}": (lambda w=w: build_dataset(images, labels, out, workers=w, size=size, quality=args.quality,
+                                                      shard_size=args.shard_size, overwrite=True, progress=False))
+           for w in (1, 2)},
+    }
+    wall, cpu = {name: [] for name in runs}, {name: [] for name in runs}
+    for r in range(args.rounds):  # alternate the order, so a busy moment of the machine hits every contender
+        for name in list(runs)[:: 1 if r % 2 == 0 else -1]:
+            w, c = timed(runs[name])
+            wall[name].append(w)
+            cpu[name].append(c)
+
+    def ratio(fast: str, slow: str, times=wall) -> float:
+        """Median over rounds of (speed of `fast` / speed of `slow`) within the round."""
+        return statistics.median(s / f for f, s in zip(times[fast], times[slow]))
+
+    print(f"\n{title} ({args.rounds} alternating rounds; medians)")
+    for name in runs:
+        median = statistics.median(wall[name])
+        print(f"  {name:9s} {n / median:8.1f} images/s   (wall {median:6.2f} s, CPU {statistics.median(cpu[name]):6.2f}"
+              f" s; rounds {', '.join(f'{t:.2f}' for t in wall[name])} s)")
+    r1, r2, ceiling = ratio("build w1", "floor"), ratio("build w2", "build w1"), ratio("floor x2", "floor")
     print(f"  build w1 / floor    = {r1:.2f}x  (target >= 0.90x) {'OK' if r1 >= 0.9 else 'BELOW TARGET'}")
     print(f"  build w2 / build w1 = {r2:.2f}x  (target >= 1.80x) {'OK' if r2 >= 1.8 else 'BELOW TARGET'}")
+    print(f"  floor x2 / floor    = {ceiling:.2f}x  (this machine's ceiling for 2 processes)")
     # On a shared machine wall time also measures the neighbours; CPU seconds per image do not.
-    print(f"  CPU-time view: floor / build w1 = {cpu['floor'] / cpu['build w1']:.2f}x, "
-          f"build w1 / build w2 = {cpu['build w1'] / cpu['build w2']:.2f}x (1.00 = no parallel overhead)")
+    print(f"  CPU-time view: floor / build w1 = {ratio('build w1', 'floor', cpu):.2f}x, "
+          f"build w1 / build w2 = {ratio('build w2', 'build w1', cpu):.2f}x (1.00 = no parallel overhead)")
 
 
 def main() -> int:
@@ -109,7 +130,8 @@ def main() -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[256, 128])
     ap.add_argument("--quality", type=int, default=90)
     ap.add_argument("--shard-size", type=int, default=100)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (3: a median one disturbed round "
+                                                           "cannot move)")
     ap.add_argument("--phone", type=int, default=0, metavar="N", help="also time N generated 4000x3000 photos")
     args = ap.parse_args()
     labels = args.data / "labels.csv"
@@ -121,7 +143,7 @@ def main() -> int:
     n = len(paths)
     for p in paths:  # warm the page cache so the first contender does not pay for the disk
         Path(p).read_bytes()
-    print(f"{n} images from {args.data}, {os.cpu_count()} CPUs, best of {args.repeats} runs each")
+    print(f"{n} images from {args.data}, {os.cpu_count()} CPUs, {args.rounds} alternating rounds")
     tmp = Path(tempfile.mkdtemp(prefix="bench_shard_"))
     try:
         runs = [(f"real photos, --size {size}", args.data / "images", labels, paths, size) for size in args.sizes]

@@ -6,7 +6,7 @@ process decodes the whole batch at once with nvJPEG (`torchvision.io.decode_jpeg
 the GPU's hardware JPEG engines where it has them) and crops, resizes and flips on the GPU, a batch ahead on a
 background thread. For GPUs with few CPU cores each; the crops are still launched image by image from Python, which
 costs host time per batch (BENCHMARKS.md has the measurements). On a CPU-only run the same code decodes in the
-training process (for tests, not for speed).
+training process (for tests, not for speed; the trainer warns).
 
 The augmentation is the workers' (RandomResizedCrop + horizontal flip, same parameters), drawn in the worker from
 the batch's own seed, so a resumed run draws the same crops; it is not bit-identical to the workers' path (another

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -78,17 +79,31 @@ class WorkerDied(Error):
     """A DataLoader worker process was killed, most often by the kernel's OOM killer."""
 
 
-def job_error(error: RuntimeError, rank: int) -> Error | None:
-    """The typed error for a RuntimeError that torch raises without a type of its own (gloo's lost peer, a dead
-    DataLoader worker), recognised by its text; None for any other RuntimeError, which is a bug to show whole."""
+UNTYPED = (RuntimeError, ConnectionError, EOFError)  # what job_error looks at
+
+
+def job_error(error: BaseException, rank: int) -> Error | None:
+    """The typed error for what torch raises without a type of its own (gloo's lost peer, a dead DataLoader worker),
+    recognised by its text or origin; None for anything else, which is a bug to show whole."""
     text = str(error)
-    if "Connection closed by peer" in text or "Connection reset by peer" in text:
+    if isinstance(error, RuntimeError) and ("Connection closed by peer" in text or "Connection reset by peer" in text):
         return PeerLost(f"rank {rank} stops: another rank left the job (its error is printed above)")
-    if "DataLoader worker (pid" in text:
-        return WorkerDied(f"{one_line(error)}: if the node ran out of memory (`dmesg`, SLURM's `seff`), use fewer "
-                          "--workers, a smaller --batch-size or --shuffle-buffer; starting again with the same "
-                          "--run-dir resumes from the last checkpoint")
+    if isinstance(error, RuntimeError) and "DataLoader worker (pid" in text:
+        return worker_died(one_line(error))
+    # A worker killed while this process fetched a batch's shared memory from it (torch passes the file descriptors
+    # through multiprocessing's resource sharer): the same dead worker, seen from this end.
+    if isinstance(error, (ConnectionError, EOFError)) and any(
+            f.filename.endswith("resource_sharer.py") for f in traceback.extract_tb(error.__traceback__)):
+        return worker_died(f"a DataLoader worker died while handing over a batch ({type(error).__name__})")
     return None
+
+
+def worker_died(reason: str) -> WorkerDied:
+    # torch's SIGCHLD handler raises again for the same dead worker, which would land in the middle of this report
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    return WorkerDied(f"{reason}: if the node ran out of memory (`dmesg`, SLURM's `seff`), use fewer --workers, a "
+                      "smaller --batch-size or --shuffle-buffer; starting again with the same --run-dir resumes from "
+                      "the last checkpoint")
 
 
 def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:

@@ -90,7 +90,7 @@ def run(args) -> int:
     try:
         result, classes = evaluate_checkpoint(args.checkpoint, args.data, args.split, ctx, args.batch_size,
                                               args.workers)
-    except RuntimeError as e:
+    except dist.UNTYPED as e:
         raise dist.job_error(e, ctx.rank) or e
     finally:
         dist.teardown()

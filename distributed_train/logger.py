@@ -13,6 +13,7 @@ import time
 import numpy as np
 
 from shard_tools.errors import UsageError, one_line
+from shard_tools.redaction import redact
 
 
 class Logger:
@@ -29,12 +30,15 @@ class Logger:
         if wandb_mode != "disabled":
             import wandb
 
+            argv, sys.argv = sys.argv, [redact(a) for a in sys.argv]  # W&B records the command line, URLs too
             try:
                 self.wandb = wandb.init(project=wandb_project, dir=run_dir, mode=wandb_mode, config=config,
                                         id=wandb_id, resume="allow", name=os.path.basename(os.path.abspath(run_dir)))
             except wandb.errors.Error as e:  # no login, no network, no such entity...: before any step is spent
                 raise UsageError(f"W&B ({wandb_mode}): {one_line(e)} For --wandb online, run `wandb login` or set "
                                  "WANDB_API_KEY; or train with --wandb offline and upload later with `wandb sync`.")
+            finally:
+                sys.argv = argv
             self.wandb_id = self.wandb.id
 
     def info(self, message: str) -> None:

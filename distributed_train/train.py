@@ -39,7 +39,7 @@ def train(cfg: Config) -> int:
     try:
         with run_lock.holding(cfg.run_dir, ctx.is_main):
             return run(cfg, ctx)
-    except RuntimeError as e:
+    except dist.UNTYPED as e:
         raise dist.job_error(e, ctx.rank) or e
     finally:
         dist.teardown()
@@ -128,7 +128,10 @@ def job_settings(cfg: Config, ctx: dist.DistContext, manifest: Manifest, saved: 
                   train_samples=manifest.split("train").num_samples)
     if saved is not None:
         cfg, unapplied = optimizer_settings_in_use(cfg, saved)
-        warnings += unapplied
+        warnings += unapplied + schedule_change(saved, cfg)
+    if cfg.decode == "device" and ctx.device.type != "cuda" and not cfg.synthetic:
+        warnings.append("--decode device without a GPU decodes every batch on the CPU in the training process, "
+                        "between steps: slower than --decode workers, which is what to use here")
     return cfg, EpochPlan(ctx.world_size, cfg.batch_size, cfg.accum_steps, cfg.workers, cfg.shuffle_buffer), warnings
 
 
@@ -421,6 +424,19 @@ def optimizer_settings_in_use(cfg: Config, saved: dict) -> tuple[Config, list[st
     warning = ("resuming restores the optimizer and schedule from the checkpoint, so these settings are not used: "
                + "; ".join(notes) + ". Start a new --run-dir to train with them.")
     return dataclasses.replace(cfg, lr=saved_lr, weight_decay=saved_decay), [warning] if notes else []
+
+
+def schedule_change(saved: dict, cfg: Config) -> list[str]:
+    """A run resumed with another length: warmup and cosine are recomputed for the new length (as when a torchvision
+    reference run is restarted with more epochs), so the lr steps to the new curve at once. Said in one line."""
+    before = saved["config"].get("max_steps")  # concrete since resolve() (0 in older checkpoints: unknown)
+    if not before or before == cfg.max_steps:
+        return []
+    step = saved["step"]
+    next_lr = cfg.lr * warmup_cosine(cfg.warmup_steps, cfg.max_steps)(step + 1)  # what the next step logs
+    return [f"the checkpoint's schedule ran to {before} steps, --epochs/--max-steps now give {cfg.max_steps}: warmup "
+            f"and cosine are recomputed for {cfg.max_steps} steps, so the lr jumps from "
+            f"{saved['scheduler']['_last_lr'][0]:.4g} to {next_lr:.4g} after step {step + 1}"]
 
 
 def load_init_weights(model: torch.nn.Module, path: str) -> None:

@@ -145,7 +145,7 @@ def test_http_5xx_is_retried(http, dataset):
 def test_persistent_failure_is_skipped_counted_and_logged(http, dataset, caplog):
     http.fail("train-000001.tar", "drop")
     skipped = counter()
-    with caplog.at_level(logging.WARNING, logger="shard_tools.remote"):
+    with caplog.at_level(logging.WARNING, logger="shard_tools.shard_reader"):
         got = keys(shard_reader.iter_shard_samples(f"{http.url}/train-000001.tar", retries=2, skip_counter=skipped, **FAST))
     full = expected_keys(dataset, "train-000001.tar")
     assert got == full[: len(got)] and len(got) < len(full)  # the prefix that arrived, once
@@ -358,3 +358,45 @@ def test_upload_cli(s3_server, s3_bucket, dataset):
     assert "Traceback" not in second.stderr and s3_server.SECRET_KEY not in first.stdout + first.stderr
     missing = subprocess.run(cmd[:-1] + ["s3://no-such-bucket-here/ds"], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 1 and "NoSuchBucket" in missing.stderr and "Traceback" not in missing.stderr
+
+
+class _FailsHalfway:
+    """An S3 body that raises `error` once half the object has been read, as botocore does when the connection
+    stalls or drops mid-object."""
+
+    def __init__(self, body, size: int, error: Exception):
+        self.body, self.left, self.error = body, size // 2, error
+
+    def read(self, n: int = -1) -> bytes:
+        if self.left <= 0:
+            raise self.error
+        data = self.body.read(self.left if n < 0 else min(n, self.left))
+        self.left -= len(data)
+        return data
+
+    def close(self):
+        self.body.close()
+
+
+@pytest.mark.parametrize("error", ["ReadTimeoutError", "IncompleteReadError", "ResponseStreamingError"])
+def test_s3_streaming_errors_mid_shard_are_retried(s3_server, s3_bucket, dataset, monkeypatch, error):
+    """botocore raises these from the body's read(), after get_object succeeded: the retry must cover them."""
+    from botocore import exceptions
+
+    make = {"ReadTimeoutError": lambda: exceptions.ReadTimeoutError(endpoint_url="http://127.0.0.1"),
+            "IncompleteReadError": lambda: exceptions.IncompleteReadError(actual_bytes=1, expected_bytes=2),
+            "ResponseStreamingError": lambda: exceptions.ResponseStreamingError(error="connection reset")}[error]
+    base = upload_objects(dataset, s3_bucket, "ds")
+    shard = Manifest.read(base).split("train").shards[1]
+    opened = []
+    real_open = transport._S3.open
+
+    def open_s3(self, url, timeout, **range_kw):
+        body = real_open(self, url, timeout, **range_kw)
+        opened.append(url)
+        return _FailsHalfway(body, shard.bytes, make()) if len(opened) == 1 else body
+
+    monkeypatch.setattr(transport._S3, "open", open_s3)
+    got = list(shard_reader.iter_shard_samples(f"{base}/{shard.name}", stop=shard.num_samples, verify_sha256=shard.sha256,
+                                         on_error="fail", **FAST))
+    assert keys(got) == expected_keys(dataset, shard.name) and len(opened) == 2

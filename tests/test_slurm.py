@@ -1,6 +1,7 @@
 """slurm/ scripts on a real SLURM cluster: two emulated nodes on this machine, started by tests/slurm_cluster.sh.
 
-Needs root and Debian's packages (`.ci/install_slurm.sh`); without them the whole module is skipped with the reason.
+Needs root and Debian's packages (`.ci/install_slurm.sh`); without them the whole module is skipped with the reason,
+except in CI (CI=true) as root, where scripts/test.sh installs them: a missing piece there fails the run.
 Jobs run the interpreter of this test process (PYTHON=sys.executable), so they see the same installed project.
 Every job has a SLURM time limit and the tests poll with their own deadline; nothing here waits forever.
 """
@@ -37,6 +38,11 @@ def why_no_cluster() -> str | None:
     if missing:
         return f"SLURM packages missing ({', '.join(missing)} not found): run .ci/install_slurm.sh"
     return None
+
+
+def must_run() -> bool:
+    """In CI as root scripts/test.sh has installed SLURM: a skip there would hide a broken install."""
+    return os.environ.get("CI", "").lower() == "true" and os.geteuid() == 0
 
 
 class Cluster:
@@ -84,6 +90,8 @@ def tail(path: Path, lines: int = 60) -> str:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     reason = why_no_cluster()
+    if reason and must_run():
+        pytest.fail(f"CI=true as root, so the SLURM tests must run, but: {reason}")
     if reason:
         pytest.skip(reason)
     cluster = Cluster(tmp_path_factory.mktemp("slurm") / "state")

@@ -1,9 +1,12 @@
 """The trainer end to end: 2-process torchrun (gloo) on uneven shards, gradients, resumption, preemption, W&B,
 evaluate and predict. Small widths and images keep each run to seconds on a 2-core CPU."""
+import contextlib
 import glob
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import time
@@ -16,6 +19,11 @@ from PIL import Image
 
 from conftest import CLASSES, PYTHON, class_image, python_env
 from distributed_train import EXIT_DIVERGED, EXIT_PREEMPTED
+from distributed_train.checkpoint import model_from_checkpoint
+from distributed_train.data import eval_loader, stats_tensors
+from distributed_train.evaluate import evaluate
+from distributed_train.config import resolve_precision
+from shard_tools.manifest import Manifest
 from wandb_records import history
 
 TINY = ["--arch", "resnet26", "--width", "0.125", "--image-size", "32", "--batch-size", "8"]
@@ -26,8 +34,8 @@ def train_cmd(data, run_dir, *extra, launcher=(PYTHON,)):
     return [*launcher, "-m", "distributed_train", "--data", str(data), "--run-dir", str(run_dir), *TINY, *extra]
 
 
-def run(cmd, timeout=240, **kw):
-    result = subprocess.run(cmd, env=python_env(), capture_output=True, text=True, timeout=timeout, **kw)
+def run(cmd, timeout=240, env=None, **kw):
+    result = subprocess.run(cmd, env=env or python_env(), capture_output=True, text=True, timeout=timeout, **kw)
     return result
 
 
@@ -72,9 +80,28 @@ def test_checkpoint_is_self_contained_and_weights_only(ddp_run):
     assert meta["classes"] == CLASSES and len(meta["mean"]) == 3 and meta["arch"] == "resnet26"
     assert meta["wandb_id"]
     assert {"model", "optimizer", "scheduler", "scaler", "rng", "config"} <= set(state)
-    assert Path(run_dir, "checkpoints", "best.pt").exists()
-    # keep_checkpoints=3: old step files are dropped
-    assert len(glob.glob(str(Path(run_dir, "checkpoints", "step-*.pt")))) <= 3
+    # saved at each epoch's end (steps 9, 18, 27, 36); keep_checkpoints=3 drops the oldest
+    assert sorted(p.name for p in Path(run_dir, "checkpoints").glob("step-*.pt")) == \
+        [f"step-{s:08d}.pt" for s in (18, 27, 36)]
+
+
+def test_best_checkpoint_holds_the_best_validation_steps_weights(ddp_run, uneven_shards):
+    run_dir, _ = ddp_run
+    val = records(run_dir, "val")
+    best_step = next(v["step"] for v in val if v["top1"] == max(u["top1"] for u in val))  # the first of equals
+    best = torch.load(Path(run_dir, "checkpoints", "best.pt"), weights_only=True)
+    assert best["step"] == best_step and best["best_top1"] == max(v["top1"] for v in val)
+    # its weights, evaluated here, give the loss logged at that step and not the loss of any other
+    model, meta = model_from_checkpoint(best, torch.device("cpu"))
+    manifest = Manifest.read(str(uneven_shards))
+    loader = eval_loader(manifest, "val", rank=0, world_size=1, batch_size=8,
+                         image_size=meta["image_size"], workers=0)
+    precision = resolve_precision("auto", torch.device("cpu"))
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+    mean, std = stats_tensors(meta["mean"], meta["std"], "cpu")
+    loss = evaluate(model, loader, manifest.num_classes, torch.device("cpu"), mean, std, autocast)["loss"]
+    closest = min(val, key=lambda v: abs(v["loss"] - loss))
+    assert closest["step"] == best_step and closest["loss"] == pytest.approx(loss, rel=1e-2), (loss, val)
 
 
 def test_wandb_offline_run_holds_the_logged_metrics(ddp_run):
@@ -162,7 +189,11 @@ def test_kill_and_restart_resumes_mid_epoch_to_the_same_weights(uneven_shards, t
     args = ["--max-steps", "12", "--checkpoint-every", "3", "--workers", "2", "--wandb", "disabled",
             "--batch-size", "16", "--image-size", "48", "--log-every", "1", "--decode", decode, "--ema-decay", "0.9"]
     straight = tmp_path / "straight"
-    assert run(train_cmd(uneven_shards, straight, *args)).returncode == 0
+    result = run(train_cmd(uneven_shards, straight, *args))
+    assert result.returncode == 0, result.stderr[-3000:]
+    # without a GPU, --decode device decodes on the training thread: said once, in one line (and only then)
+    warned = [line for line in result.stderr.splitlines() if "--decode device without a GPU" in line]
+    assert len(warned) == (decode == "device" and not torch.cuda.is_available()), result.stderr[-3000:]
 
     resumed = tmp_path / "resumed"
     proc = subprocess.Popen(train_cmd(uneven_shards, resumed, *args), env=python_env(),
@@ -267,12 +298,34 @@ def test_resuming_with_other_settings_refuses_warns_or_adapts(uneven_shards, tmp
     assert "optimizer: checkpoint 'sgd' vs now 'adamw'" in other_optimizer.stderr
     assert "Traceback" not in other_optimizer.stderr
 
-    resumed = run(train_cmd(uneven_shards, run_dir, "--max-steps", "4", "--precision", "fp16", "--lr", "0.3", *common))
+    # another model or class list would load the wrong weights: refused in one line, before anything is written
+    renamed = tmp_path / "renamed"
+    shutil.copytree(uneven_shards, renamed)
+    manifest = Manifest.read(str(renamed))
+    manifest.classes = ["rouge", "vert", "bleu"]
+    manifest.write(str(renamed))
+    for data, flags, expected in (
+            (uneven_shards, ["--arch", "resnet50", "--width", "0.25"],
+             "(arch: checkpoint 'resnet26' vs now 'resnet50'; width: checkpoint 0.125 vs now 0.25)"),
+            (renamed, [], "(classes: checkpoint ['red', 'green', 'blue'] vs now ['rouge', 'vert', 'bleu'])")):
+        refused = run([*train_cmd(data, run_dir, "--max-steps", "4", *common), *flags])
+        assert refused.returncode != 0 and expected in refused.stderr, refused.stderr[-2000:]
+        assert "cannot be resumed with these settings" in refused.stderr and "Traceback" not in refused.stderr
+        assert torch.load(run_dir / "checkpoints/latest.pt", weights_only=True)["step"] == 2
+
+    resumed = run(train_cmd(uneven_shards, run_dir, "--max-steps", "4", "--precision", "fp16", "--lr", "0.3",
+                            "--log-every", "1", *common))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming at step 2" in resumed.stdout and "fp16" in resumed.stdout
     assert "settings are not used: peak lr 0.3 (the checkpoint's: 0.003125)" in resumed.stderr
     assert "lr 0.003125" in resumed.stdout, "the start line names the lr actually used"
     assert torch.load(run_dir / "checkpoints/latest.pt", weights_only=True)["scaler"], "fp16 saved its loss scale"
+    # a longer run recomputes the schedule: the lr jump is reported in one line, with the lr the run then logs
+    # (2 steps: warmup 1, then cosine to 0 at step 2; 4 steps: at step 3 the lr is 0.25 x the peak)
+    [jump] = [line for line in resumed.stderr.splitlines() if "schedule ran to 2 steps" in line]
+    before, after = map(float, re.search(r"now give 4: .* lr jumps from (\S+) to (\S+) after step 3$", jump).groups())
+    [logged] = [r["lr"] for r in records(run_dir, "train") if r["step"] == 3]
+    assert before == 0 and after == pytest.approx(logged, rel=1e-3) and logged == pytest.approx(0.003125 * 0.25)
 
 
 def test_bad_data_location_is_a_one_line_error(tmp_path):
@@ -288,3 +341,71 @@ def worker_pids(agent_pid: int) -> list[int]:
         return sorted(map(int, out))
     wait_for(lambda: len(children(agent_pid)) >= 2, 30, "worker processes")
     return children(agent_pid)
+
+
+def test_a_killed_dataloader_worker_ends_the_run_with_one_line(uneven_shards, tmp_path):
+    """SIGKILL a real DataLoader worker mid-epoch (what the OOM killer does): the run ends with one line saying what
+    to lower and that the run dir resumes, not with a page of traceback."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(uneven_shards, run_dir, "--epochs", "50", "--workers", "1", "--wandb",
+                                      "disabled", "--log-every", "1"),
+                            env=python_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and metrics.read_text().strip(), 120, "training to start")
+    own_cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+    killed = set()
+    deadline = time.time() + 60
+    while proc.poll() is None and time.time() < deadline:  # again if a kill landed between two epochs' workers
+        for pid in map(int, subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                           text=True).stdout.split()):
+            with contextlib.suppress(OSError):  # workers are forks of the trainer: same command line
+                if Path(f"/proc/{pid}/cmdline").read_bytes() == own_cmdline:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.add(pid)
+        time.sleep(0.2)
+    out, err = proc.communicate(timeout=60)
+    assert killed, "no DataLoader worker was found to kill"
+    assert proc.returncode == 1, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    # torch words it by where the trainer notices: "(pid N) is killed by signal", "(pid(s) N) exited
+    # unexpectedly", or a connection reset while fetching the batch's shared memory from the dead worker
+    [line] = [l for l in err.splitlines() if "DataLoader worker" in l]
+    pid = re.search(r"DataLoader worker \(pid(?:\(s\))? (\d+)\)", line)
+    assert (pid and int(pid.group(1)) in killed) or "a DataLoader worker died while handing over a batch" in line
+    assert line.startswith("distributed_train: error: ") and "fewer --workers" in line
+    assert "same --run-dir resumes" in line
+
+
+SMALL = ["--width", "0.25", "--image-size", "32", "--workers", "0", "--wandb", "disabled", "--log-every", "1"]
+
+
+def test_accumulation_with_adamw_end_to_end(uneven_shards, tmp_path):
+    """--accum-steps 2 x batch 8 with AdamW: 4 steps read 64 distinct samples, the auto lr follows the global batch
+    of 16, and the checkpoint holds AdamW's state. (Equal gradients are checked in ddp_grad_check.py.)"""
+    run_dir = tmp_path / "run"
+    result = run(train_cmd(uneven_shards, run_dir, *SMALL, "--accum-steps", "2", "--optimizer", "adamw",
+                           "--max-steps", "4", "--record-samples"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "global batch 16, lr 6.25e-05" in result.stdout  # 1e-3 x 16 / 256
+    assert [r["step"] for r in records(run_dir, "train")] == [1, 2, 3, 4]
+    keys = (run_dir / "samples" / "epoch-0000-rank-00000.txt").read_text().split()
+    assert len(keys) == len(set(keys)) == 4 * 2 * 8
+    state = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
+    assert state["step"] == 4 and state["config"]["optimizer"] == "adamw"
+    moments = [s for s in state["optimizer"]["state"].values()]
+    assert moments and all("exp_avg_sq" in s and s["step"].item() == 4 for s in moments)
+
+
+def test_compiled_model_trains_like_the_eager_one(uneven_shards, tmp_path):
+    """--compile (inductor) takes the same steps as eager mode: same weights after 3 steps, within float error."""
+    weights = {}
+    for mode in ("--compile", "--no-compile"):
+        run_dir = tmp_path / mode.strip("-")
+        result = run(train_cmd(uneven_shards, run_dir, *SMALL, "--max-steps", "3", "--precision", "fp32", mode),
+                     timeout=900)  # inductor compiles C++ kernels: a minute or more on 2 cores
+        assert result.returncode == 0, result.stderr[-3000:]
+        weights[mode] = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)["model"]
+    compiled, eager = weights["--compile"], weights["--no-compile"]
+    assert compiled.keys() == eager.keys()
+    for name in eager:
+        assert torch.allclose(compiled[name].float(), eager[name].float(), rtol=1e-3, atol=1e-4), name
