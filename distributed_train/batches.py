@@ -19,7 +19,7 @@ from distributed_train.data import PieceReader, eval_loader, normalize, stats_te
     train_loader
 from distributed_train.device_decode import DeviceAugment, DevicePrefetcher
 from distributed_train.dist import DistContext
-from distributed_train.replan import EpochPlan, remainder_slots
+from distributed_train.replan import EpochLayout, remainder_slots
 from shard_tools.manifest import Manifest
 
 
@@ -36,14 +36,14 @@ class RunData:
         self.micro_per_epoch = train_batches_per_rank(manifest.split("train").num_samples, ctx.world_size,
                                                       cfg.batch_size, cfg.accum_steps)
         self.has_validation = "val" in manifest.splits and manifest.split("val").num_samples > 0
-        self.rest = None  # (epoch, its slots, samples per worker) when that epoch began under another plan
+        self.rest = None  # (epoch, its slots, samples per worker) when that epoch began under another layout
         if epoch_started is not None:
-            now = EpochPlan(ctx.world_size, cfg.batch_size, cfg.accum_steps, cfg.workers, cfg.shuffle_buffer)
-            self.rest = (epoch, remainder_slots(manifest, EpochPlan(**epoch_started["plan"]),
+            now = EpochLayout(ctx.world_size, cfg.batch_size, cfg.accum_steps, cfg.workers, cfg.shuffle_buffer)
+            self.rest = (epoch, remainder_slots(manifest, EpochLayout(**epoch_started["layout"]),
                                                 epoch_started["batches_done"], now, cfg.seed, epoch))
 
     def micro_in(self, epoch: int) -> int:
-        """Micro-batches per rank in `epoch` (fewer in an epoch finished under another plan)."""
+        """Micro-batches per rank in `epoch` (fewer in an epoch finished under another layout)."""
         if self.rest is not None and self.rest[0] == epoch:
             return sum(self.rest[1][1]) // self.cfg.batch_size
         return self.micro_per_epoch

@@ -26,7 +26,7 @@ from distributed_train.ema import WeightEMA
 from distributed_train.evaluate import evaluate
 from distributed_train.logger import Logger
 from distributed_train.model import build_model, load_torchvision_state_dict
-from distributed_train.replan import EpochPlan, carried_over, keep_global_batch
+from distributed_train.replan import EpochLayout, carried_over, keep_global_batch
 from shard_tools.errors import CheckpointError, UsageError
 from shard_tools.fileio import write_json_atomic
 from shard_tools.manifest import Manifest
@@ -48,7 +48,7 @@ def train(cfg: Config) -> int:
 def run(cfg: Config, ctx: dist.DistContext) -> int:
     manifest = Manifest.read(cfg.data)
     saved = checkpoint.load_latest(cfg.run_dir)
-    cfg, plan, warnings = job_settings(cfg, ctx, manifest, saved)
+    cfg, layout, warnings = job_settings(cfg, ctx, manifest, saved)
     public_config = {**cfg.to_dict(), "data": redact(cfg.data), "world_size": ctx.world_size}
     prepare_run_dir(cfg.run_dir, public_config, ctx.is_main)
     stop = dist.StopFlag(os.path.join(cfg.run_dir, "STOP"), ctx.is_main)
@@ -56,9 +56,9 @@ def run(cfg: Config, ctx: dist.DistContext) -> int:
 
     state = TrainState.create(cfg, ctx, manifest.num_classes, saved)
     if saved is not None:
-        state.epoch_started = carried_over(saved, plan)
+        state.epoch_started = carried_over(saved, layout)
         if state.epoch_started is not None and saved.get("epoch_started") is None:
-            state.batches_done = 0  # the rest of the epoch is counted in the new plan's micro-batches
+            state.batches_done = 0  # the rest of the epoch is counted in the new layout's micro-batches
     log = Logger(cfg.run_dir, ctx.is_main, cfg.wandb, cfg.wandb_project, state.wandb_id, public_config)
     state.wandb_id = log.wandb_id
     log.use_dataset(public_config["data"], manifest.to_dict())
@@ -72,7 +72,7 @@ def run(cfg: Config, ctx: dist.DistContext) -> int:
         error = None
         if ctx.is_main:
             try:
-                path = checkpoint.save({**state.state_dict(), "plan": plan.to_dict(), "config": public_config,
+                path = checkpoint.save({**state.state_dict(), "layout": layout.to_dict(), "config": public_config,
                                         "meta": {**meta, "wandb_id": state.wandb_id}},
                                        cfg.run_dir, state.step, cfg.keep_checkpoints, best=best)
             except checkpoint.SaveError as e:
@@ -119,7 +119,7 @@ def global_batch(cfg: Config, ctx: dist.DistContext) -> int:
 
 def job_settings(cfg: Config, ctx: dist.DistContext, manifest: Manifest, saved: dict | None):
     """-> `cfg` made concrete for this job (on resume: with the checkpoint's global batch, lr and weight decay), its
-    epoch plan, and the warnings to show."""
+    epoch layout, and the warnings to show."""
     warnings = []
     if saved is not None:
         check_compatible(saved, cfg, manifest)
@@ -132,7 +132,7 @@ def job_settings(cfg: Config, ctx: dist.DistContext, manifest: Manifest, saved: 
     if cfg.decode == "device" and ctx.device.type != "cuda" and not cfg.synthetic:
         warnings.append("--decode device without a GPU decodes every batch on the CPU in the training process, "
                         "between steps: slower than --decode workers, which is what to use here")
-    return cfg, EpochPlan(ctx.world_size, cfg.batch_size, cfg.accum_steps, cfg.workers, cfg.shuffle_buffer), warnings
+    return cfg, EpochLayout(ctx.world_size, cfg.batch_size, cfg.accum_steps, cfg.workers, cfg.shuffle_buffer), warnings
 
 
 def prepare_run_dir(run_dir: str, public_config: dict, is_main: bool) -> None:
@@ -174,7 +174,7 @@ class TrainState:
     batches_done: int = 0  # micro-batches of the current epoch already trained on
     best_top1: float = -1.0
     wandb_id: str | None = None
-    epoch_started: dict | None = None  # the current epoch began under another plan (replan.carried_over)
+    epoch_started: dict | None = None  # the current epoch began under another layout (replan.carried_over)
 
     @classmethod
     def create(cls, cfg: Config, ctx: dist.DistContext, num_classes: int, saved: dict | None = None) -> "TrainState":
