@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import random
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
@@ -30,7 +30,7 @@ from torchvision.transforms import v2
 from distributed_train.device_decode import UnreadableJPEG, pack_jpegs
 from shard_tools.errors import ShardReadError, damaged_sample
 from shard_tools.manifest import Manifest, ShardInfo
-from shard_tools.shard_reader import iter_shard_samples
+from shard_tools.indexed_reader import RangeReader
 from shard_tools.redaction import redact
 
 # torchvision 0.29 deprecates torchvision.io's decoders in favour of TorchCodec, which is not a dependency here.
@@ -99,18 +99,22 @@ def epoch_shards(manifest: Manifest, split: str, seed: int, epoch: int, shuffle:
 # ---- one slot's stream ---------------------------------------------------------------------------------------------
 @dataclass
 class PieceReader:
-    """Reads a Piece from a local file, http(s) or s3 (shard_tools.shard_reader), retrying failed downloads; a shard
-    that still fails is skipped and counted, or raises (`on_error`). With `verify` (--verify-shards), a piece that
-    covers a whole shard is checked against the manifest's sha256 while it streams."""
+    """Reads a Piece from a local file, http(s) or s3: through the shard's sample index when it has one, reading
+    only the piece's own bytes (shard_tools.indexed_reader), else sequentially (shard_tools.shard_reader). Failed
+    reads are retried; a shard that still fails is skipped and counted, or raises (`on_error`). With `verify`
+    (--verify-shards), a piece that covers a whole shard is checked against the manifest's sha256."""
 
     on_error: str = "fail"
     verify: bool = False
     skipped: Any = None  # a multiprocessing.Value shared with the DataLoader workers
+    use_index: bool = True
+    _reader: RangeReader | None = field(default=None, init=False, repr=False, compare=False)
 
     def __call__(self, piece: Piece) -> Iterator[dict]:
-        digest = piece.shard.sha256 if self.verify and piece.whole else None
-        return iter_shard_samples(piece.url, start=piece.start, stop=piece.stop, on_error=self.on_error,
-                                  verify_sha256=digest, skip_counter=self.skipped)
+        if self._reader is None:  # made in the process that reads: it caches the indexes that process loads
+            self._reader = RangeReader(on_error=self.on_error, verify=self.verify, skip_counter=self.skipped,
+                                       use_index=self.use_index)
+        return self._reader(piece.url, piece.shard, piece.start, piece.stop)
 
 
 def read_pieces(pieces: list[Piece], count: int, read_piece: Callable[[Piece], Iterator[dict]], repeat: bool):
