@@ -15,8 +15,8 @@ from typing import Iterator
 import torch
 
 from distributed_train.config import Config
-from distributed_train.data import PieceReader, eval_loader, normalize, stats_tensors, train_batches_per_rank, \
-    train_loader
+from distributed_train.data import EpochPlan, PieceReader, eval_loader, normalize, run_train_loader, \
+    stats_tensors, train_batches_per_rank
 from distributed_train.device_decode import DeviceAugment, DevicePrefetcher
 from distributed_train.dist import DistContext
 from shard_tools.manifest import Manifest
@@ -34,6 +34,9 @@ class RunData:
         self.micro_per_epoch = train_batches_per_rank(manifest.split("train").num_samples, ctx.world_size,
                                                       cfg.batch_size, cfg.accum_steps)
         self.has_validation = "val" in manifest.splits and manifest.split("val").num_samples > 0
+        self.plan = EpochPlan()  # made before the loader's workers, which share it
+        self.loader = None  # made on first use: --synthetic runs never start workers
+        self.ahead = None  # (epoch, skip, iterator) started before it was asked for
 
     def epoch(self, epoch: int, skip: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
         """(images, labels, keys) for the rest of `epoch` after its first `skip` micro-batches."""
@@ -45,20 +48,43 @@ class RunData:
         return batches
 
     def shard_batches(self, epoch: int, skip: int):
-        cfg, ctx = self.cfg, self.ctx
-        loader, _ = train_loader(self.manifest, rank=ctx.rank, world_size=ctx.world_size, batch_size=cfg.batch_size,
-                                 accum_steps=cfg.accum_steps, image_size=cfg.image_size, workers=cfg.workers,
-                                 seed=cfg.seed, epoch=epoch, skip_batches=skip, min_crop_scale=cfg.min_crop_scale,
-                                 shuffle_buffer=cfg.shuffle_buffer, pin_memory=ctx.device.type == "cuda",
-                                 read_piece=self.read_piece, decode_on_device=self.device_augment is not None)
-        if self.device_augment is None:
-            yield from loader
-            return
-        prefetcher = DevicePrefetcher(loader, self.device_augment)
-        try:
-            yield from prefetcher
-        finally:
-            prefetcher.close()
+        batches = self.start(epoch, skip)
+        if self.device_augment is not None:
+            prefetcher = DevicePrefetcher(batches, self.device_augment)
+            try:
+                yield from prefetcher
+            finally:
+                prefetcher.close()
+        else:
+            yield from batches
+        # The epoch ran to its end: start the next one now, so its first batches are decoded while this process
+        # validates and saves (the first step of an epoch then waits no longer than any other).
+        if (epoch + 1) * (self.micro_per_epoch // self.cfg.accum_steps) < self.cfg.max_steps:
+            self.ahead = (epoch + 1, 0, self.start(epoch + 1, 0))
+
+    def start(self, epoch: int, skip: int):
+        """The iterator of the run's one training loader over `epoch` after `skip` micro-batches (already running
+        when the previous epoch started it ahead)."""
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None and ahead[:2] == (epoch, skip):
+            return ahead[2]
+        if self.loader is None:
+            cfg, ctx = self.cfg, self.ctx
+            self.loader = run_train_loader(
+                self.manifest, self.plan, workers=cfg.workers, pin_memory=ctx.device.type == "cuda", rank=ctx.rank,
+                world_size=ctx.world_size, batch_size=cfg.batch_size, accum_steps=cfg.accum_steps,
+                image_size=cfg.image_size, seed=cfg.seed, min_crop_scale=cfg.min_crop_scale,
+                shuffle_buffer=cfg.shuffle_buffer, read_piece=self.read_piece,
+                decode_on_device=self.device_augment is not None)
+        self.plan.set(epoch, skip)  # before iter(): the workers read it when their iterators are re-created
+        return iter(self.loader)
+
+    def close(self) -> None:
+        """Stop the training loader's workers (they live for the whole run)."""
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None:
+            iterator._shutdown_workers()
+        self.loader, self.ahead = None, None
 
     def validation(self):
         cfg, ctx = self.cfg, self.ctx

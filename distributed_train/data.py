@@ -16,6 +16,7 @@ once, with partial last batches. Batches stay uint8 until `normalize` on the dev
 """
 from __future__ import annotations
 
+import multiprocessing
 import random
 import warnings
 from dataclasses import dataclass, field
@@ -215,27 +216,69 @@ def hash_seed(parts: tuple) -> int:
 
 
 # ---- loaders -------------------------------------------------------------------------------------------------------
-def _loader(stream: SlotStream, workers: int, pin_memory: bool) -> DataLoader:
+class EpochPlan:
+    """Which epoch the workers stream next, and how many of its batches they skip: set by the training process
+    before each `iter(loader)`, read by the workers when the DataLoader re-creates their iterators. Shared memory,
+    so persistent workers (made once per run) see every epoch's values."""
+
+    def __init__(self, epoch: int = 0, skip: int = 0):
+        self.epoch, self.skip = multiprocessing.Value("q", epoch), multiprocessing.Value("q", skip)
+
+    def set(self, epoch: int, skip: int) -> None:
+        self.epoch.value, self.skip.value = epoch, skip
+
+
+class TrainStream(IterableDataset):
+    """One rank's training samples for the epoch `plan` names, cut into slots in the worker itself: one dataset (and
+    one set of workers) serves every epoch of a run."""
+
+    def __init__(self, manifest: Manifest, plan: EpochPlan, *, rank: int, world_size: int, batch_size: int,
+                 accum_steps: int, image_size: int, workers: int, seed: int, min_crop_scale: float = 0.25,
+                 shuffle_buffer: int = 1000, read_piece=PieceReader(), decode_on_device: bool = False):
+        self.manifest, self.plan, self.rank, self.world_size = manifest, plan, rank, world_size
+        self.batch_size, self.seed, self.shuffle_buffer, self.read_piece = batch_size, seed, shuffle_buffer, read_piece
+        self.slots_per_rank = max(1, workers)
+        self.steps = train_batches_per_rank(manifest.split("train").num_samples, world_size, batch_size, accum_steps)
+        self.preprocess = Preprocess(True, image_size, min_crop_scale)
+        self.decode_on_device = decode_on_device
+
+    def epoch_stream(self, epoch: int, skip: int) -> SlotStream:
+        per_worker = [b * self.batch_size for b in even_split(self.steps, self.slots_per_rank)]
+        slots = cut_ranges(epoch_shards(self.manifest, "train", self.seed, epoch, shuffle=True),
+                           per_worker * self.world_size)
+        mine = slots[self.rank * self.slots_per_rank:(self.rank + 1) * self.slots_per_rank]
+        return SlotStream(mine, per_worker, self.preprocess, self.batch_size, train=True,
+                          seed=(self.seed, epoch, self.rank), shuffle_buffer=self.shuffle_buffer, skip_batches=skip,
+                          read_piece=self.read_piece, encoded=self.decode_on_device)
+
+    def __iter__(self):
+        return iter(self.epoch_stream(self.plan.epoch.value, self.plan.skip.value))
+
+
+def _loader(stream: IterableDataset, workers: int, pin_memory: bool, persistent: bool = False) -> DataLoader:
     return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                      prefetch_factor=4 if workers else None, persistent_workers=False)
+                      prefetch_factor=4 if workers else None, persistent_workers=persistent and workers > 0)
+
+
+def run_train_loader(manifest: Manifest, plan: EpochPlan, *, workers: int, pin_memory: bool = False,
+                     **stream_kw) -> DataLoader:
+    """The one training loader of a rank for a whole run: its workers live across epochs. Before each
+    `iter(loader)`, `plan.set(epoch, skip)` chooses what that pass streams (`TrainStream` takes the other
+    arguments)."""
+    return _loader(TrainStream(manifest, plan, workers=workers, **stream_kw), workers, pin_memory, persistent=True)
 
 
 def train_loader(manifest: Manifest, *, rank: int, world_size: int, batch_size: int, accum_steps: int,
                  image_size: int, workers: int, seed: int, epoch: int, skip_batches: int = 0,
                  min_crop_scale: float = 0.25, shuffle_buffer: int = 1000, pin_memory: bool = False,
                  read_piece=PieceReader(), decode_on_device: bool = False) -> tuple[DataLoader, int]:
-    """The loader of one rank for one epoch, and the number of micro-batches it yields (equal on every rank).
+    """A loader of one rank for one epoch, and the number of micro-batches it yields (equal on every rank).
     With `decode_on_device` its batches hold EncodedBatch instead of images (see device_decode.py)."""
-    split = manifest.split("train")
-    steps = train_batches_per_rank(split.num_samples, world_size, batch_size, accum_steps)
-    slots_per_rank = max(1, workers)
-    per_worker = [b * batch_size for b in even_split(steps, slots_per_rank)]
-    slots = cut_ranges(epoch_shards(manifest, "train", seed, epoch, shuffle=True), per_worker * world_size)
-    mine = slots[rank * slots_per_rank:(rank + 1) * slots_per_rank]
-    stream = SlotStream(mine, per_worker, Preprocess(True, image_size, min_crop_scale), batch_size, train=True,
-                        seed=(seed, epoch, rank), shuffle_buffer=shuffle_buffer, skip_batches=skip_batches,
-                        read_piece=read_piece, encoded=decode_on_device)
-    return _loader(stream, workers, pin_memory), steps - skip_batches
+    stream = TrainStream(manifest, EpochPlan(epoch, skip_batches), rank=rank, world_size=world_size,
+                         batch_size=batch_size, accum_steps=accum_steps, image_size=image_size, workers=workers,
+                         seed=seed, min_crop_scale=min_crop_scale, shuffle_buffer=shuffle_buffer,
+                         read_piece=read_piece, decode_on_device=decode_on_device)
+    return _loader(stream, workers, pin_memory), stream.steps - skip_batches
 
 
 def eval_loader(manifest: Manifest, split: str, *, rank: int, world_size: int, batch_size: int,

@@ -89,6 +89,7 @@ def run(cfg: Config, ctx: dist.DistContext) -> int:
             state.epoch, state.batches_done = state.epoch + 1, 0
         if state.step >= cfg.max_steps or (epoch_finished and state.epoch % cfg.eval_every == 0):
             save(best=validate(state, data, log, manifest.classes) if data.has_validation else False)
+    data.close()
     if exit_code == 0:
         finish(state, cfg.run_dir, log, ctx.is_main)
     log.close(exit_code)
