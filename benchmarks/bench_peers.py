@@ -129,8 +129,8 @@ def stub_transformers() -> None:
         sys.meta_path.append(_TransformersStub())
 
 
-def make_readers(scratch: Path, batch_size: int, crop: int) -> dict:
-    """name -> function(round) returning a fresh iterable of (images, labels) batches with one worker."""
+def make_readers(scratch: Path, batch_size: int, crop: int, workers: int = 1) -> dict:
+    """name -> function(round) returning a fresh iterable of (images, labels) batches with `workers` workers."""
     import litdata
     import webdataset as wds
 
@@ -153,22 +153,22 @@ def make_readers(scratch: Path, batch_size: int, crop: int) -> dict:
 
     def ours(r):
         return train_loader(manifest, rank=0, world_size=1, batch_size=batch_size, accum_steps=1, image_size=crop,
-                            workers=1, seed=SEED, epoch=r)[0]
+                            workers=workers, seed=SEED, epoch=r)[0]
 
     def lit(r):
         dataset = LitPhotos(str(scratch / "litdata"), shuffle=True, seed=SEED + r)
-        return litdata.StreamingDataLoader(dataset, batch_size=batch_size, num_workers=1, drop_last=True)
+        return litdata.StreamingDataLoader(dataset, batch_size=batch_size, num_workers=workers, drop_last=True)
 
     def mds(r):
         clean_stale_shared_memory()
         dataset = MDSPhotos(local=str(scratch / "mds"), shuffle=True, shuffle_seed=SEED + r, batch_size=batch_size)
-        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=1, drop_last=True)
+        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, drop_last=True)
 
     def webdataset(r):
         urls = manifest.shard_urls("train")
         pipeline = (wds.WebDataset(urls, shardshuffle=len(urls), seed=SEED + r).shuffle(1000)
                     .map(lambda s: (preprocess(s["jpg"]), int(s["cls"]))).batched(batch_size, partial=False))
-        return wds.WebLoader(pipeline, batch_size=None, num_workers=1)
+        return wds.WebLoader(pipeline, batch_size=None, num_workers=workers)
 
     return {"ours": ours, "litdata": lit, "mosaicml (MDS)": mds, "webdataset": webdataset}
 
