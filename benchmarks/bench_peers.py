@@ -198,6 +198,10 @@ def bench_read(readers: dict, rounds: int, warmup: int, window: int) -> None:
     medians = {name: statistics.median(rates[name]) for name in names}
     for name in names:
         print(f"  {name:<16s} median {medians[name]:7.1f} img/s")
+    for name in names[1:]:
+        ratios = [a / b for a, b in zip(rates["ours"], rates[name])]
+        print(f"  ours / {name:<16s} per round " + " ".join(f"{x:.2f}" for x in ratios)
+              + f", median {statistics.median(ratios):.2f}x")
     fastest = max((n for n in names if n != "ours"), key=medians.get)
     ratio = statistics.median(a / b for a, b in zip(rates["ours"], rates[fastest]))
     verdict = "meets" if ratio >= TARGET_READ else "BELOW"

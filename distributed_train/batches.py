@@ -103,7 +103,7 @@ def synthetic_batches(cfg: Config, num_classes: int, count: int):
     labels = torch.randint(0, num_classes, (cfg.batch_size,))
     if torch.cuda.is_available():
         images, labels = images.pin_memory(), labels.pin_memory()
-    return itertools.repeat((images, labels, [""] * cfg.batch_size), count)
+    yield from itertools.repeat((images, labels, [""] * cfg.batch_size), count)  # a generator: the loop closes it
 
 
 def recording(batches, folder: str, rank: int, epoch: int):
