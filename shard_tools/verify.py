@@ -1,6 +1,8 @@
-"""Check a built dataset against its manifest: every shard's bytes, sha256 and samples, every image decodes."""
+"""Check a built dataset against its manifest: every shard's bytes, sha256 and samples, every image decodes, and
+every sample index gives the shard's samples."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 
@@ -10,7 +12,8 @@ from torchvision.io import decode_jpeg  # the trainer's decoder (libjpeg-turbo),
 
 from shard_tools.errors import one_line
 from shard_tools.fileio import file_sha256
-from shard_tools.manifest import Manifest, ManifestError
+from shard_tools.indexed_reader import iter_indexed_samples, read_index
+from shard_tools.manifest import Manifest, ManifestError, ShardInfo
 
 
 def verify_dataset(location: str) -> list[str]:
@@ -44,9 +47,26 @@ def verify_dataset(location: str) -> list[str]:
                 problems.append(f"{shard.name}: unreadable after {n} samples ({type(e).__name__}: {e})")
             if n != shard.num_samples:
                 problems.append(f"{shard.name}: {n} samples, manifest says {shard.num_samples}")
+            if shard.index and (problem := _check_index(path, shard)):
+                problems.append(problem)
         if not problems and counts != split.class_counts:
             problems.append(f"split '{split_name}': class counts {counts}, manifest says {split.class_counts}")
     return problems
+
+
+def _check_index(path: str, shard: ShardInfo) -> str | None:
+    """The shard's index, read as the trainer reads it, must give exactly the samples webdataset reads."""
+    try:
+        index = read_index(path, shard)
+        indexed = iter_indexed_samples(path, index, start=0, stop=len(index), shard_bytes=shard.bytes,
+                                       on_error="fail", retries=0)
+        plain = wds.WebDataset(path, shardshuffle=False, empty_check=False)
+        for a, b in itertools.zip_longest(indexed, plain):
+            if a is None or b is None or any(a[k] != b.get(k) for k in index.members + ["__key__"]):
+                return f"{shard.index}: does not match the samples of {shard.name}; rebuild the dataset"
+    except Exception as e:  # an unreadable index or tar: report it and go on
+        return f"{shard.index}: {one_line(e)}"
+    return None
 
 
 def _check_sample(sample: dict, manifest: Manifest, keys: set) -> str | None:

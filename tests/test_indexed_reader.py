@@ -214,3 +214,23 @@ def test_chunk_end_takes_whole_samples_and_at_least_one():
     assert index.chunk_end(1, 5, 2048) == 3
     assert index.chunk_end(1, 2, 1 << 20) == 2
     assert indexed_reader.CHUNK_BYTES >= 1 << 20
+
+
+def test_verify_checks_each_index_against_its_shard(tmp_path, capsys):
+    from shard_tools.__main__ import main
+
+    images, labels = textured_dataset(tmp_path, 8, labels=("a", "b"))
+    build_dataset(images, labels, tmp_path / "out", val_fraction=0.25, shard_size=3, progress=False)
+    assert main(["verify", str(tmp_path / "out")]) == 0
+    m = Manifest.read(str(tmp_path / "out"))
+    sh = m.split("train").shards[0]
+    index = ShardIndex.from_bytes((tmp_path / "out" / sh.index).read_bytes())
+    index.keys[0], index.keys[1] = index.keys[1], index.keys[0]  # a consistent file that lies about the shard
+    blob = index.to_bytes()
+    (tmp_path / "out" / sh.index).write_bytes(blob)
+    assert main(["verify", str(tmp_path / "out")]) == 1
+    assert "sha256 differs from the manifest" in capsys.readouterr().out
+    sh.index_sha256 = hashlib.sha256(blob).hexdigest()
+    m.write(str(tmp_path / "out"))
+    assert main(["verify", str(tmp_path / "out")]) == 1
+    assert f"{sh.index}: does not match the samples of {sh.name}" in capsys.readouterr().out
