@@ -6,9 +6,13 @@ How one epoch's samples reach the ranks (no rank ever waits for another in an al
     -> cut into consecutive ranges, one per (rank, worker) slot, rank-major, so nodes and then workers get neighbouring
        shards (webdataset's split_by_node -> split_by_worker, but at sample granularity, so uneven shards or fewer
        shards than slots still give every slot exactly its share)
-    -> each slot: tar samples of its ranges -> shuffle buffer -> raw batches -> skip (mid-epoch resume)
+    -> each slot: the samples of its ranges (ranged reads of exactly their bytes through each shard's sample index,
+       or the tar streamed from its start when there is none) -> shuffle buffer -> raw batches -> skip (resume)
        -> decode (torchvision.io, libjpeg-turbo) + augment -> uint8 batch
           (or, with --decode device, the batch's JPEG bytes in one block: device_decode.py decodes them on the GPU)
+
+One training DataLoader serves a whole run (run_train_loader): its persistent workers cut each epoch's slots
+themselves, from the (epoch, skip) an EpochPlan shares with them.
 
 Training uses floor(samples / world / batch) batches per rank, so an epoch reads each sample at most once; only a
 dataset smaller than one batch on every rank wraps around. Evaluation splits every sample over the slots exactly
