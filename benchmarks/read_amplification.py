@@ -1,52 +1,131 @@
-"""Read amplification of the trainer's sample ranges: how many bytes a training epoch reads per byte it uses.
+"""Read amplification per epoch: bytes read / bytes used, sequential tar reading vs reading by the sample index.
 
-    python benchmarks/read_amplification.py                 # README's table
-    python benchmarks/read_amplification.py --samples 50000 --shards 40 --ranks 16 --workers 8 --batch-size 128
+    python benchmarks/read_amplification.py [--data ../shared/data/mushvision4]
 
-Each (rank, DataLoader worker) slot reads a consecutive range of the epoch's sample sequence, planned by the
-trainer's own functions (`distributed_train.data.cut_ranges`, with the step count of `train_batches_per_rank`). Tar
-has no index, so a range that starts inside a shard reads that shard from its first sample and throws the earlier
-ones away. Shards are taken as equal in size (they differ by at most one sample) and samples as equal in bytes.
-A calculation, not a timing: the figures are exact for the assumed layout.
+(1) Planned, for cluster-sized layouts, with the trainer's own range planner (`distributed_train.data.cut_ranges`)
+    and samples of equal size: a slot reading a shard sequentially reads it from its first byte to the end of its
+    range; by index it reads its range only.
+(2) Measured on real shards: mushvision4 built into 2 training shards, every (rank, worker) slot of 2 ranks x 2
+    workers read with the trainer's `PieceReader`, counting the bytes the transport returns, with and without the
+    index.
 """
 from __future__ import annotations
 
 import argparse
+import io
+import tempfile
+from pathlib import Path
 
-from distributed_train.data import cut_ranges, even_split, train_batches_per_rank
-from shard_tools.manifest import ShardInfo
+from distributed_train.data import PieceReader, cut_ranges, epoch_shards, even_split, train_batches_per_rank
+from shard_tools import transport
+from shard_tools.build import build_dataset
+from shard_tools.indexed_reader import read_index
+from shard_tools.manifest import Manifest, ShardInfo
+from machine import MUSHVISION4
 
-# (samples, shards, ranks, workers per rank): the rows of README's table
-README_ROWS = [(1_281_167, 1282, 8, 8), (1_281_167, 1282, 64, 8), (1_281_167, 128, 64, 8), (1_281_167, 64, 64, 8),
-               (1_694, 2, 2, 2)]
+LAYOUTS = [  # samples, shards, ranks, workers
+    (1_281_167, 1282, 8, 8),
+    (1_281_167, 1282, 64, 8),
+    (1_281_167, 128, 64, 8),
+    (1_281_167, 64, 64, 8),
+]
+BATCH = 64
 
 
-def amplification(samples: int, shards: int, ranks: int, workers: int, batch_size: int) -> tuple[float, float]:
-    """(bytes read / bytes used, shards opened per slot) for one epoch."""
-    layout = [(f"shard-{i}", ShardInfo(f"shard-{i}", n, 0, "")) for i, n in enumerate(even_split(samples, shards))]
-    steps = train_batches_per_rank(samples, ranks, batch_size)
-    per_worker = [b * batch_size for b in even_split(steps, workers)]  # as train_loader plans one rank
-    slots = cut_ranges(layout, per_worker * ranks)
-    read = sum(piece.stop for slot in slots for piece in slot)  # from the shard's start to the range's end
-    used = sum(piece.stop - piece.start for slot in slots for piece in slot)
-    return read / used, sum(map(len, slots)) / len(slots)
+def plan(shards: list[tuple[str, ShardInfo]], num_samples: int, ranks: int, workers: int):
+    steps = train_batches_per_rank(num_samples, ranks, BATCH)
+    per_worker = [b * BATCH for b in even_split(steps, workers)]
+    return cut_ranges(shards, per_worker * ranks)
+
+
+def planned(samples: int, num_shards: int, ranks: int, workers: int) -> tuple[float, float, float]:
+    """(sequential, indexed, shards opened per slot) for equal-size samples (bytes counted in samples)."""
+    sizes = even_split(samples, num_shards)
+    shards = [(f"s{i}", ShardInfo(f"s{i}", n, n, "")) for i, n in enumerate(sizes)]
+    slots = plan(shards, samples, ranks, workers)
+    used = sum(p.stop - p.start for slot in slots for p in slot)
+    sequential = sum(p.stop for slot in slots for p in slot)  # from the shard's first sample to the range's end
+    return sequential / used, used / used, sum(map(len, slots)) / len(slots)
+
+
+class CountingReads:
+    """Counts the bytes the transport hands out: read from streams (sequential shards, index files) and ranged
+    reads."""
+
+    def __init__(self):
+        self.bytes = 0
+        self._open, self._range = transport.open_stream, transport.read_range
+
+    def __enter__(self):
+        counter = self
+
+        class Counted(io.RawIOBase):
+            def __init__(self, stream):
+                self.stream = stream
+
+            def readinto(self, buffer):
+                data = self.stream.read(len(buffer))
+                buffer[:len(data)] = data
+                counter.bytes += len(data)
+                return len(data)
+
+            def readable(self):
+                return True
+
+            def close(self):
+                self.stream.close()
+                super().close()
+
+        def read_range(url, start, length, **kw):
+            data = self._range(url, start, length, **kw)
+            self.bytes += len(data)
+            return data
+
+        transport.open_stream = lambda url, **kw: io.BufferedReader(Counted(self._open(url, **kw)))
+        transport.read_range = read_range
+        return self
+
+    def __exit__(self, *exc):
+        transport.open_stream, transport.read_range = self._open, self._range
+
+
+def measured(data: Path, ranks: int, workers: int) -> dict[str, float]:
+    """bytes read / bytes of the samples used, each slot with its own reader (as each worker process has)."""
+    with tempfile.TemporaryDirectory(prefix="read_amplification-") as tmp:
+        build_dataset(data / "images", data / "labels.csv", Path(tmp) / "shards", size=256, shard_size=800,
+                      val_fraction=0.1, seed=0, workers=1, progress=False)
+        manifest = Manifest.read(str(Path(tmp) / "shards"))
+        split = manifest.split("train")
+        slots = plan(epoch_shards(manifest, "train", 0, 0, shuffle=True), split.num_samples, ranks, workers)
+        starts = {sh.name: read_index(manifest.shard_url(sh), sh).starts for sh in split.shards}
+        used = sum(int(starts[p.shard.name][p.stop] - starts[p.shard.name][p.start]) for slot in slots for p in slot)
+        results = {}
+        for name, use_index in (("sequential", False), ("by index (index files included)", True)):
+            with CountingReads() as counter:
+                for slot in slots:
+                    reader = PieceReader(use_index=use_index)
+                    for piece in slot:
+                        for _ in reader(piece):
+                            pass
+            results[name] = counter.bytes / used
+        print(f"  {len(split.shards)} training shards, {sum(map(len, slots)) / len(slots):.1f} shards opened per slot")
+        return results
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--samples", type=int, help="training samples (default: README's rows)")
-    p.add_argument("--shards", type=int)
-    p.add_argument("--ranks", type=int)
-    p.add_argument("--workers", type=int, help="DataLoader workers per rank")
-    p.add_argument("--batch-size", type=int, default=64, help="per rank (the trainer's default)")
-    args = p.parse_args()
-    rows = [(args.samples, args.shards, args.ranks, args.workers)] if args.samples else README_ROWS
-    print(f"batch {args.batch_size} per rank")
-    print("| samples | shards | ranks x workers | bytes read / bytes used | shards opened per slot |")
-    print("|---|---|---|---|---|")
-    for samples, shards, ranks, workers in rows:
-        ratio, opened = amplification(samples, shards, ranks, workers, args.batch_size)
-        print(f"| {samples:,} | {shards:,} | {ranks} x {workers} = {ranks * workers} | {ratio:.2f}x | {opened:.1f} |")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=MUSHVISION4)
+    args = parser.parse_args()
+    print("(1) planned, equal-size samples, batch 64 per rank")
+    print("| samples | shards | ranks x workers | sequential: bytes read / used | by index | shards opened per slot |")
+    print("|---|---|---|---|---|---|")
+    for samples, shards, ranks, workers in LAYOUTS:
+        sequential, indexed, opened = planned(samples, shards, ranks, workers)
+        print(f"| {samples:,} | {shards:,} | {ranks} x {workers} = {ranks * workers} | {sequential:.2f}x | "
+              f"{indexed:.2f}x | {opened:.1f} |")
+    print(f"\n(2) measured: {args.data.name} in 800-sample shards, 2 ranks x 2 workers, bytes the transport returned")
+    for name, ratio in measured(args.data, 2, 2).items():
+        print(f"  {name:<32s} {ratio:.3f}x")
 
 
 if __name__ == "__main__":

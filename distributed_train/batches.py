@@ -15,8 +15,8 @@ from typing import Iterator
 import torch
 
 from distributed_train.config import Config
-from distributed_train.data import PieceReader, eval_loader, normalize, stats_tensors, train_batches_per_rank, \
-    train_loader
+from distributed_train.data import EpochCursor, PieceReader, eval_loader, normalize, run_train_loader, \
+    stats_tensors, train_batches_per_rank
 from distributed_train.device_decode import DeviceAugment, DevicePrefetcher
 from distributed_train.dist import DistContext
 from distributed_train.replan import EpochLayout, remainder_slots
@@ -36,16 +36,19 @@ class RunData:
         self.micro_per_epoch = train_batches_per_rank(manifest.split("train").num_samples, ctx.world_size,
                                                       cfg.batch_size, cfg.accum_steps)
         self.has_validation = "val" in manifest.splits and manifest.split("val").num_samples > 0
-        self.rest = None  # (epoch, its slots, samples per worker) when that epoch began under another layout
+        self.planned = {}  # {epoch: (slots, samples per worker)} for an epoch begun under another layout
         if epoch_started is not None:
             now = EpochLayout(ctx.world_size, cfg.batch_size, cfg.accum_steps, cfg.workers, cfg.shuffle_buffer)
-            self.rest = (epoch, remainder_slots(manifest, EpochLayout(**epoch_started["layout"]),
-                                                epoch_started["batches_done"], now, cfg.seed, epoch))
+            self.planned[epoch] = remainder_slots(manifest, EpochLayout(**epoch_started["layout"]),
+                                                  epoch_started["batches_done"], now, cfg.seed, epoch)
+        self.cursor = EpochCursor()  # made before the loader's workers, which share it
+        self.loader = None  # made on first use: --synthetic runs never start workers
+        self.ahead = None  # (epoch, skip, iterator) started before it was asked for
 
     def micro_in(self, epoch: int) -> int:
         """Micro-batches per rank in `epoch` (fewer in an epoch finished under another layout)."""
-        if self.rest is not None and self.rest[0] == epoch:
-            return sum(self.rest[1][1]) // self.cfg.batch_size
+        if epoch in self.planned:
+            return sum(self.planned[epoch][1]) // self.cfg.batch_size
         return self.micro_per_epoch
 
     def epoch(self, epoch: int, skip: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
@@ -58,21 +61,43 @@ class RunData:
         return batches
 
     def shard_batches(self, epoch: int, skip: int):
-        cfg, ctx = self.cfg, self.ctx
-        loader, _ = train_loader(self.manifest, rank=ctx.rank, world_size=ctx.world_size, batch_size=cfg.batch_size,
-                                 accum_steps=cfg.accum_steps, image_size=cfg.image_size, workers=cfg.workers,
-                                 seed=cfg.seed, epoch=epoch, skip_batches=skip, min_crop_scale=cfg.min_crop_scale,
-                                 shuffle_buffer=cfg.shuffle_buffer, pin_memory=ctx.device.type == "cuda",
-                                 read_piece=self.read_piece, decode_on_device=self.device_augment is not None,
-                                 planned=self.rest[1] if self.rest is not None and self.rest[0] == epoch else None)
-        if self.device_augment is None:
-            yield from loader
-            return
-        prefetcher = DevicePrefetcher(loader, self.device_augment)
-        try:
-            yield from prefetcher
-        finally:
-            prefetcher.close()
+        batches = self.start(epoch, skip)
+        if self.device_augment is not None:
+            prefetcher = DevicePrefetcher(batches, self.device_augment)
+            try:
+                yield from prefetcher
+            finally:
+                prefetcher.close()
+        else:
+            yield from batches
+        # The epoch ran to its end: start the next one now, so its first batches are decoded while this process
+        # validates and saves (the first step of an epoch then waits no longer than any other).
+        if (epoch + 1) * (self.micro_per_epoch // self.cfg.accum_steps) < self.cfg.max_steps:
+            self.ahead = (epoch + 1, 0, self.start(epoch + 1, 0))
+
+    def start(self, epoch: int, skip: int):
+        """The iterator of the run's one training loader over `epoch` after `skip` micro-batches (already running
+        when the previous epoch started it ahead)."""
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None and ahead[:2] == (epoch, skip):
+            return ahead[2]
+        if self.loader is None:
+            cfg, ctx = self.cfg, self.ctx
+            self.loader = run_train_loader(
+                self.manifest, self.cursor, workers=cfg.workers, pin_memory=ctx.device.type == "cuda", rank=ctx.rank,
+                world_size=ctx.world_size, batch_size=cfg.batch_size, accum_steps=cfg.accum_steps,
+                image_size=cfg.image_size, seed=cfg.seed, min_crop_scale=cfg.min_crop_scale,
+                shuffle_buffer=cfg.shuffle_buffer, read_piece=self.read_piece,
+                decode_on_device=self.device_augment is not None, planned=self.planned)
+        self.cursor.set(epoch, skip)  # before iter(): the workers read it when their iterators are re-created
+        return iter(self.loader)
+
+    def close(self) -> None:
+        """Stop the training loader's workers (they live for the whole run)."""
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None:
+            iterator._shutdown_workers()
+        self.loader, self.ahead = None, None
 
     def validation(self):
         cfg, ctx = self.cfg, self.ctx
@@ -91,7 +116,7 @@ def synthetic_batches(cfg: Config, num_classes: int, count: int):
     labels = torch.randint(0, num_classes, (cfg.batch_size,))
     if torch.cuda.is_available():
         images, labels = images.pin_memory(), labels.pin_memory()
-    yield from itertools.repeat((images, labels, [""] * cfg.batch_size), count)
+    yield from itertools.repeat((images, labels, [""] * cfg.batch_size), count)  # a generator: the loop closes it
 
 
 def recording(batches, folder: str, rank: int, epoch: int):

@@ -6,9 +6,13 @@ How one epoch's samples reach the ranks (no rank ever waits for another in an al
     -> cut into consecutive ranges, one per (rank, worker) slot, rank-major, so nodes and then workers get neighbouring
        shards (webdataset's split_by_node -> split_by_worker, but at sample granularity, so uneven shards or fewer
        shards than slots still give every slot exactly its share)
-    -> each slot: tar samples of its ranges -> shuffle buffer -> raw batches -> skip (mid-epoch resume)
+    -> each slot: the samples of its ranges (ranged reads of exactly their bytes through each shard's sample index,
+       or the tar streamed from its start when there is none) -> shuffle buffer -> raw batches -> skip (resume)
        -> decode (torchvision.io, libjpeg-turbo) + augment -> uint8 batch
           (or, with --decode device, the batch's JPEG bytes in one block: device_decode.py decodes them on the GPU)
+
+One training DataLoader serves a whole run (run_train_loader): its persistent workers cut each epoch's slots
+themselves, from the (epoch, skip) an EpochCursor shares with them.
 
 Training uses floor(samples / world / batch) batches per rank, so an epoch reads each sample at most once; only a
 dataset smaller than one batch on every rank wraps around. Evaluation splits every sample over the slots exactly
@@ -16,9 +20,10 @@ once, with partial last batches. Batches stay uint8 until `normalize` on the dev
 """
 from __future__ import annotations
 
+import multiprocessing
 import random
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
@@ -30,7 +35,7 @@ from torchvision.transforms import v2
 from distributed_train.device_decode import UnreadableJPEG, pack_jpegs
 from shard_tools.errors import ShardReadError, damaged_sample
 from shard_tools.manifest import Manifest, ShardInfo
-from shard_tools.shard_reader import iter_shard_samples
+from shard_tools.indexed_reader import RangeReader
 from shard_tools.redaction import redact
 
 # torchvision 0.29 deprecates torchvision.io's decoders in favour of TorchCodec, which is not a dependency here.
@@ -99,18 +104,22 @@ def epoch_shards(manifest: Manifest, split: str, seed: int, epoch: int, shuffle:
 # ---- one slot's stream ---------------------------------------------------------------------------------------------
 @dataclass
 class PieceReader:
-    """Reads a Piece from a local file, http(s) or s3 (shard_tools.shard_reader), retrying failed downloads; a shard
-    that still fails is skipped and counted, or raises (`on_error`). With `verify` (--verify-shards), a piece that
-    covers a whole shard is checked against the manifest's sha256 while it streams."""
+    """Reads a Piece from a local file, http(s) or s3: through the shard's sample index when it has one, reading
+    only the piece's own bytes (shard_tools.indexed_reader), else sequentially (shard_tools.shard_reader). Failed
+    reads are retried; a shard that still fails is skipped and counted, or raises (`on_error`). With `verify`
+    (--verify-shards), a piece that covers a whole shard is checked against the manifest's sha256."""
 
     on_error: str = "fail"
     verify: bool = False
     skipped: Any = None  # a multiprocessing.Value shared with the DataLoader workers
+    use_index: bool = True
+    _reader: RangeReader | None = field(default=None, init=False, repr=False, compare=False)
 
     def __call__(self, piece: Piece) -> Iterator[dict]:
-        digest = piece.shard.sha256 if self.verify and piece.whole else None
-        return iter_shard_samples(piece.url, start=piece.start, stop=piece.stop, on_error=self.on_error,
-                                  verify_sha256=digest, skip_counter=self.skipped)
+        if self._reader is None:  # made in the process that reads: it caches the indexes that process loads
+            self._reader = RangeReader(on_error=self.on_error, verify=self.verify, skip_counter=self.skipped,
+                                       use_index=self.use_index)
+        return self._reader(piece.url, piece.shard, piece.start, piece.stop)
 
 
 def read_pieces(pieces: list[Piece], count: int, read_piece: Callable[[Piece], Iterator[dict]], repeat: bool):
@@ -221,32 +230,83 @@ def hash_seed(parts: tuple) -> int:
 
 
 # ---- loaders -------------------------------------------------------------------------------------------------------
-def _loader(stream: SlotStream, workers: int, pin_memory: bool) -> DataLoader:
+class EpochCursor:
+    """Which epoch the workers stream next, and how many of its batches they skip: set by the training process
+    before each `iter(loader)`, read by the workers when the DataLoader re-creates their iterators. Shared memory,
+    so persistent workers (made once per run) see every epoch's values."""
+
+    def __init__(self, epoch: int = 0, skip: int = 0):
+        self.epoch, self.skip = multiprocessing.Value("q", epoch), multiprocessing.Value("q", skip)
+
+    def set(self, epoch: int, skip: int) -> None:
+        self.epoch.value, self.skip.value = epoch, skip
+
+
+class TrainStream(IterableDataset):
+    """One rank's training samples for the epoch `cursor` names, cut into slots in the worker itself: one dataset (and
+    one set of workers) serves every epoch of a run. `planned`: epochs whose slots were cut elsewhere, as
+    {epoch: (slots rank-major, samples per worker)} (replan.py: the rest of an epoch begun under another layout)."""
+
+    def __init__(self, manifest: Manifest, cursor: EpochCursor, *, rank: int, world_size: int, batch_size: int,
+                 accum_steps: int, image_size: int, workers: int, seed: int, min_crop_scale: float = 0.25,
+                 shuffle_buffer: int = 1000, read_piece=PieceReader(), decode_on_device: bool = False,
+                 planned: dict | None = None):
+        self.manifest, self.cursor, self.rank, self.world_size = manifest, cursor, rank, world_size
+        self.batch_size, self.seed, self.shuffle_buffer, self.read_piece = batch_size, seed, shuffle_buffer, read_piece
+        self.slots_per_rank = max(1, workers)
+        self.steps = train_batches_per_rank(manifest.split("train").num_samples, world_size, batch_size, accum_steps)
+        self.preprocess = Preprocess(True, image_size, min_crop_scale)
+        self.decode_on_device, self.planned = decode_on_device, planned or {}
+
+    def slots(self, epoch: int) -> tuple[list[list[Piece]], list[int], tuple]:
+        """This rank's slots of `epoch`, the samples per worker, and the seed of their shuffles."""
+        if epoch in self.planned:
+            slots, per_worker = self.planned[epoch]
+            seed = (self.seed, epoch, self.rank, "rest")
+        else:
+            per_worker = [b * self.batch_size for b in even_split(self.steps, self.slots_per_rank)]
+            slots = cut_ranges(epoch_shards(self.manifest, "train", self.seed, epoch, shuffle=True),
+                               per_worker * self.world_size)
+            seed = (self.seed, epoch, self.rank)
+        return slots[self.rank * self.slots_per_rank:(self.rank + 1) * self.slots_per_rank], per_worker, seed
+
+    def micro_batches(self, epoch: int) -> int:
+        return sum(self.planned[epoch][1]) // self.batch_size if epoch in self.planned else self.steps
+
+    def epoch_stream(self, epoch: int, skip: int) -> SlotStream:
+        mine, per_worker, seed = self.slots(epoch)
+        return SlotStream(mine, per_worker, self.preprocess, self.batch_size, train=True, seed=seed,
+                          shuffle_buffer=self.shuffle_buffer, skip_batches=skip, read_piece=self.read_piece,
+                          encoded=self.decode_on_device)
+
+    def __iter__(self):
+        return iter(self.epoch_stream(self.cursor.epoch.value, self.cursor.skip.value))
+
+
+def _loader(stream: IterableDataset, workers: int, pin_memory: bool, persistent: bool = False) -> DataLoader:
     return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                      prefetch_factor=4 if workers else None, persistent_workers=False)
+                      prefetch_factor=4 if workers else None, persistent_workers=persistent and workers > 0)
+
+
+def run_train_loader(manifest: Manifest, cursor: EpochCursor, *, workers: int, pin_memory: bool = False,
+                     **stream_kw) -> DataLoader:
+    """The one training loader of a rank for a whole run: its workers live across epochs. Before each
+    `iter(loader)`, `cursor.set(epoch, skip)` chooses what that pass streams (`TrainStream` takes the other
+    arguments)."""
+    return _loader(TrainStream(manifest, cursor, workers=workers, **stream_kw), workers, pin_memory, persistent=True)
 
 
 def train_loader(manifest: Manifest, *, rank: int, world_size: int, batch_size: int, accum_steps: int,
                  image_size: int, workers: int, seed: int, epoch: int, skip_batches: int = 0,
                  min_crop_scale: float = 0.25, shuffle_buffer: int = 1000, pin_memory: bool = False,
-                 read_piece=PieceReader(), decode_on_device: bool = False,
-                 planned: tuple[list[list[Piece]], list[int]] | None = None) -> tuple[DataLoader, int]:
-    """The loader of one rank for one epoch, and the number of micro-batches it yields (equal on every rank).
-    With `decode_on_device` its batches hold EncodedBatch instead of images (see device_decode.py). `planned`:
-    (slots rank-major, samples per worker) planned elsewhere (replan.py: the rest of an interrupted epoch)."""
-    slots_per_rank = max(1, workers)
-    if planned is None:
-        steps = train_batches_per_rank(manifest.split("train").num_samples, world_size, batch_size, accum_steps)
-        per_worker = [b * batch_size for b in even_split(steps, slots_per_rank)]
-        slots = cut_ranges(epoch_shards(manifest, "train", seed, epoch, shuffle=True), per_worker * world_size)
-        stream_seed = (seed, epoch, rank)
-    else:
-        (slots, per_worker), stream_seed = planned, (seed, epoch, rank, "rest")
-    mine = slots[rank * slots_per_rank:(rank + 1) * slots_per_rank]
-    stream = SlotStream(mine, per_worker, Preprocess(True, image_size, min_crop_scale), batch_size, train=True,
-                        seed=stream_seed, shuffle_buffer=shuffle_buffer, skip_batches=skip_batches,
-                        read_piece=read_piece, encoded=decode_on_device)
-    return _loader(stream, workers, pin_memory), sum(per_worker) // batch_size - skip_batches
+                 read_piece=PieceReader(), decode_on_device: bool = False) -> tuple[DataLoader, int]:
+    """A loader of one rank for one epoch, and the number of micro-batches it yields (equal on every rank).
+    With `decode_on_device` its batches hold EncodedBatch instead of images (see device_decode.py)."""
+    stream = TrainStream(manifest, EpochCursor(epoch, skip_batches), rank=rank, world_size=world_size,
+                         batch_size=batch_size, accum_steps=accum_steps, image_size=image_size, workers=workers,
+                         seed=seed, min_crop_scale=min_crop_scale, shuffle_buffer=shuffle_buffer,
+                         read_piece=read_piece, decode_on_device=decode_on_device)
+    return _loader(stream, workers, pin_memory), stream.steps - skip_batches
 
 
 def eval_loader(manifest: Manifest, split: str, *, rank: int, world_size: int, batch_size: int,

@@ -100,6 +100,7 @@ def run(cfg: Config, ctx: dist.DistContext) -> int:
             state.epoch, state.batches_done, state.epoch_started = state.epoch + 1, 0, None
         if state.step >= cfg.max_steps or (epoch_finished and state.epoch % cfg.eval_every == 0):
             save(best=validate(state, data, log, manifest.classes) if data.has_validation else False)
+    data.close()
     if exit_code == 0:
         if ctx.is_main and cfg.wandb_log_model == "best" and state.best_top1 < 0:  # no validation: the last stands in
             log_model(log, checkpoint.latest_path(cfg.run_dir), state, meta, best=False)

@@ -25,7 +25,7 @@ from shard_tools.fileio import write_json_atomic
 from shard_tools.manifest import MANIFEST_NAME, SPLITS, Manifest, ShardInfo, SplitInfo
 from shard_tools.plan import PLAN_DIR, BuildError, BuildSettings, Layout, ShardTask, WorkList, make_layout
 from shard_tools.pool import imap, worker_pool
-from shard_tools.writer import write_shard_job
+from shard_tools.writer import index_fields, write_shard_job
 
 SKIPPED_NAME = "skipped.csv"
 INFO_NAME = "_info.json"  # timm's ReaderWds looks for `_info.json` in the dataset root
@@ -39,7 +39,8 @@ class StrictError(BuildError):
 def _owned_paths(out: str) -> list[str]:
     """Files and folders a build writes; removed on --overwrite (anything else in OUT is left alone)."""
     names = [SKIPPED_NAME, INFO_NAME, PLAN_DIR]
-    patterns = [f"{split}-*.tar" for split in SPLITS] + [f".{split}-*.tar.partial" for split in SPLITS]
+    patterns = [f"{split}-*.{ext}" for split in SPLITS for ext in ("tar", "idx")] + \
+        [f".{split}-*.tar.partial" for split in SPLITS]
     return [os.path.join(out, n) for n in names] + [p for pat in patterns for p in glob.glob(os.path.join(out, pat))]
 
 
@@ -158,7 +159,7 @@ def finalize(work: WorkList, layout: Layout, shards: dict[str, tuple[int, str]],
     for task in layout.shard_tasks(""):
         size, sha256 = shards[task.name]
         split = splits.setdefault(task.split, SplitInfo(0, [0] * len(layout.classes)))
-        split.shards.append(ShardInfo(task.name, len(task.samples), size, sha256))
+        split.shards.append(ShardInfo(task.name, len(task.samples), size, sha256, **index_fields(out, task.name)))
         split.num_samples += len(task.samples)
         for sample in task.samples:
             split.class_counts[sample[3]] += 1

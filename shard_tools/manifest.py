@@ -18,7 +18,8 @@ from shard_tools.fileio import write_json_atomic
 from shard_tools.redaction import redact
 
 FORMAT = "shard_tools.manifest"
-VERSION = 1
+VERSION = 2  # 2: shards may list a sample index (ShardInfo.index); version 1 manifests are still read
+READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "val")
 
@@ -33,6 +34,8 @@ class ShardInfo:
     num_samples: int
     bytes: int
     sha256: str
+    index: str = ""  # the shard's sample index next to it (shard_index.py), "" when there is none
+    index_sha256: str = ""
 
 
 @dataclass
@@ -82,10 +85,10 @@ class Manifest:
     def from_dict(cls, d: dict, where: str = "manifest") -> "Manifest":
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise ManifestError(f"{where}: not a shard_tools manifest (no \"format\": \"{FORMAT}\")")
-        if d.get("version") != VERSION:
+        if d.get("version") not in READABLE_VERSIONS:
             raise ManifestError(
                 f"{where}: manifest version {d.get('version')} is not supported by this version of the package "
-                f"(expects {VERSION}); rebuild the shards with `python -m shard_tools build` or upgrade the package"
+                f"(it reads {' and '.join(map(str, READABLE_VERSIONS))}); rebuild the shards with `python -m shard_tools build` or upgrade the package"
             )
         try:
             m = cls(
@@ -102,6 +105,7 @@ class Manifest:
                 image_size=int(d["image_size"]),
                 duplicate_groups=int(d["duplicate_groups"]),
                 source=dict(d.get("source", {})),
+                version=int(d["version"]),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ManifestError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
@@ -120,9 +124,9 @@ class Manifest:
                 problems.append(f"split '{name}': class counts sum to {sum(s.class_counts)}, not {s.num_samples}")
             if sum(sh.num_samples for sh in s.shards) != s.num_samples:
                 problems.append(f"split '{name}': shard sample counts do not add up to {s.num_samples}")
-            names = [sh.name for sh in s.shards]
+            names = [sh.name for sh in s.shards] + [sh.index for sh in s.shards if sh.index]
             if len(set(names)) != len(names):
-                problems.append(f"split '{name}': duplicate shard names")
+                problems.append(f"split '{name}': duplicate shard or index names")
             if any("/" in n or n.startswith(".") for n in names):
                 problems.append(f"split '{name}': shard names must be plain file names")
         if "train" not in self.splits:

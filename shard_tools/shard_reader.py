@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from shard_tools import transport
 from shard_tools.errors import ShardIntegrityError, ShardReadError
@@ -48,15 +48,25 @@ def iter_shard_samples(
       checked only when this call reads the shard to its end (stop is None or the shard's sample count): a slice
       that stops early reads a prefix and cannot be verified.
     """
+    done = [0]  # samples of this shard consumed so far (yielded, or passed over because they precede `start`)
+    yield from retrying(url, lambda: _read_once(url, start, stop, done, verify_sha256, timeout),
+                        lambda: (stop - max(done[0], start)) if stop is not None else "the remaining",
+                        retries=retries, backoff=backoff, on_error=on_error, skip_counter=skip_counter)
+
+
+def retrying(url: str, read_once: Callable[[], Iterator[dict]], lost: Callable[[], object], *, retries: int,
+             backoff: float, on_error: str, skip_counter) -> Iterator[dict]:
+    """The one retry policy of every shard reader: call `read_once()` (which resumes after what it already yielded)
+    until it finishes, at most `retries` more times after transient errors; then skip (warn, count) or raise.
+    `lost()` says how many samples a skip loses."""
     if on_error not in ("skip", "fail"):
         raise ValueError(f"on_error must be 'skip' or 'fail', not {on_error!r}")
-    done = [0]  # samples of this shard consumed so far (yielded, or passed over because they precede `start`)
     for attempt in range(retries + 1):
         try:
-            yield from _read_once(url, start, stop, done, verify_sha256, timeout)
+            yield from read_once()
             return
         except transport.transient_errors() as e:
-            if isinstance(e, ShardIntegrityError):
+            if isinstance(e, (ShardIntegrityError, transport.RangeUnsupported)):
                 raise
             message = _describe(e)
             if attempt < retries and not transport.permanent(e):
@@ -65,8 +75,8 @@ def iter_shard_samples(
                 continue
             if on_error == "fail":
                 raise ShardReadError(f"shard {redact(url)}: {message} (after {attempt} retries)") from None
-            lost = (stop - max(done[0], start)) if stop is not None else "the remaining"
-            log.warning("skipping shard %s after %d retries (%s): %s samples lost", redact(url), attempt, message, lost)
+            log.warning("skipping shard %s after %d retries (%s): %s samples lost", redact(url), attempt, message,
+                        lost())
             count_skip(skip_counter)
             return
 

@@ -35,6 +35,10 @@ from shard_tools.redaction import redact
 
 log = logging.getLogger("shard_tools.transport")
 
+class RangeUnsupported(ShardReadError):
+    """The server sent the whole object for a Range request: read it sequentially instead."""
+
+
 # Seconds for a connection and for each read: a server that stops answering is an error after this, not a hang.
 TIMEOUT = float(os.environ.get("SHARD_TOOLS_TIMEOUT", "30"))
 
@@ -97,7 +101,7 @@ class _Http:
     def read_range(self, url: str, start: int, length: int, timeout: float) -> bytes:
         with self.open(url, timeout, {"Range": f"bytes={start}-{start + length - 1}"}) as response:
             if response.status != 206:  # a server without Range support sends the whole object
-                raise ShardReadError(f"{redact(url)}: the server ignores HTTP Range requests")
+                raise RangeUnsupported(f"{redact(url)}: the server ignores HTTP Range requests")
             return response.read()
 
     def put(self, local_file: str, url: str) -> None:

@@ -1,7 +1,10 @@
-"""Check a built dataset against its manifest: every shard's bytes, sha256 and samples, every image decodes.
-Works wherever the trainer reads: a local folder, http(s)://, s3:// (through shard_tools.transport)."""
+"""Check a built dataset against its manifest: every shard's bytes, sha256 and samples, every image decodes, and
+every sample index gives the shard's samples. Works wherever the trainer reads: a local folder, http(s)://, s3://
+(through shard_tools.transport)."""
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 
 import torch
@@ -10,7 +13,8 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from shard_tools.errors import one_line
 from shard_tools.fileio import HashingStream
-from shard_tools.manifest import Manifest, ManifestError
+from shard_tools.indexed_reader import iter_indexed_samples, read_index
+from shard_tools.manifest import Manifest, ManifestError, ShardInfo
 from shard_tools.redaction import redact
 from shard_tools.transport import basename, open_stream
 
@@ -33,10 +37,11 @@ def verify_dataset(location: str) -> list[str]:
             except OSError as e:  # refused, unreachable: one line, then the next shard
                 problems.append(f"{shard.name}: cannot be opened ({redact(str(e))})")
                 continue
-            n, complete = 0, True
+            n, complete, seen = 0, True, []
             try:
                 for sample in group_by_keys(tar_file_expander([dict(url=url, stream=reader)])):
                     n += 1
+                    seen.append(fingerprint(sample))
                     problem = _check_sample(sample, manifest, keys)
                     if problem:
                         problems.append(f"{shard.name}: sample {sample.get('__key__')}: {problem}")
@@ -56,9 +61,31 @@ def verify_dataset(location: str) -> list[str]:
                 problems.append(f"{shard.name}: sha256 differs from the manifest (corrupted or replaced)")
             if n != shard.num_samples:
                 problems.append(f"{shard.name}: {n} samples, manifest says {shard.num_samples}")
+            if shard.index and (problem := _check_index(url, shard, seen)):
+                problems.append(problem)
         if not problems and counts != split.class_counts:
             problems.append(f"split '{split_name}': class counts {counts}, manifest says {split.class_counts}")
     return problems
+
+
+def fingerprint(sample: dict) -> dict:
+    """A sample's key and a digest of each of its files: enough to compare it with the same sample read by index."""
+    return {k: v if k == "__key__" else hashlib.sha256(v).digest() for k, v in sample.items()
+            if k == "__key__" or isinstance(v, bytes)}
+
+
+def _check_index(url: str, shard: ShardInfo, seen: list[dict]) -> str | None:
+    """The shard's index, read as the trainer reads it, must give exactly the samples the sequential pass read."""
+    try:
+        index = read_index(url, shard)
+        indexed = iter_indexed_samples(url, index, start=0, stop=len(index), shard_bytes=shard.bytes,
+                                       on_error="fail", retries=0)
+        for a, b in itertools.zip_longest(indexed, seen):
+            if a is None or b is None or any(fingerprint(a).get(k) != b.get(k) for k in index.members + ["__key__"]):
+                return f"{shard.index}: does not match the samples of {shard.name}; rebuild the dataset"
+    except Exception as e:  # an unreadable index or shard: report it and go on
+        return f"{shard.index}: {redact(one_line(e))}"
+    return None
 
 
 def _drain(reader: HashingStream) -> bool:

@@ -15,6 +15,7 @@ import webdataset as wds
 from PIL import Image
 
 from shard_tools.manifest import ChannelStats, Manifest, ShardInfo, SplitInfo
+from shard_tools.shard_index import ShardIndex, index_name
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "mushvision4"
@@ -32,8 +33,16 @@ def class_image(label: int, rng: np.random.Generator, size: int = 40) -> np.ndar
     return img
 
 
-def write_dataset(out: Path, shard_sizes: dict[str, list[int]], seed: int = 0, size: int = 40) -> Manifest:
-    """Shards `{split}-{i:06d}.tar` with the given sample counts, plus a valid manifest.json."""
+def tar_index(path: Path) -> bytes:
+    """A shard's sample index from python's own tar parser (independent of shard_tools' writer)."""
+    with tarfile.open(path) as tar:
+        return ShardIndex.from_members([(m.name, m.offset_data, m.size) for m in tar.getmembers()]).to_bytes()
+
+
+def write_dataset(out: Path, shard_sizes: dict[str, list[int]], seed: int = 0, size: int = 40,
+                  index: bool = True) -> Manifest:
+    """Shards `{split}-{i:06d}.tar` with the given sample counts, their sample indexes (unless not `index`: a
+    dataset from before indexes), plus a valid manifest.json."""
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
     splits, row = {}, 0
@@ -60,6 +69,10 @@ def write_dataset(out: Path, shard_sizes: dict[str, list[int]], seed: int = 0, s
             import hashlib
             data = (out / name).read_bytes()
             shards.append(ShardInfo(name, n, len(data), hashlib.sha256(data).hexdigest()))
+            if index:
+                blob = tar_index(out / name)
+                (out / index_name(name)).write_bytes(blob)
+                shards[-1].index, shards[-1].index_sha256 = index_name(name), hashlib.sha256(blob).hexdigest()
         splits[split] = SplitInfo(sum(sizes), counts, shards)
     mean = total / pixels
     std = np.sqrt(total_sq / pixels - mean ** 2)

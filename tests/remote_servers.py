@@ -26,35 +26,61 @@ class _FaultyHandler(SimpleHTTPRequestHandler):
     def do_GET(self):
         name = self.path.lstrip("/").split("?")[0]
         fault = self.server.take_fault(name)
-        if fault is None:
-            return super().do_GET()
         if fault == "503":
             return self.send_error(503, "injected failure")
+        span = self._range()
+        if fault is None and span is None:
+            return super().do_GET()
         path = self.translate_path(self.path)
         with open(path, "rb") as f:
             data = f.read()
-        self.send_response(200)
+        if span is not None:
+            start, end = span
+            data = data[start:end + 1]
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{start + len(data) - 1}/*")
+        else:
+            self.send_response(200)
         self.send_header("Content-Type", "application/x-tar")
-        self.send_header("Content-Length", str(len(data)))  # promise everything, deliver half
+        self.send_header("Content-Length", str(len(data)))  # with a fault: promise everything, deliver half
         self.end_headers()
-        self.wfile.write(data[: len(data) // 2])
+        sent = data if fault is None else data[: len(data) // 2]
+        self.wfile.write(sent)
+        if span is not None:
+            self.server.record_bytes(name, len(sent))
+        if fault is None:
+            return
         self.wfile.flush()
         if fault == "stall" and not self.server.stopping.wait(STALL_SECONDS):
             with self.server.lock:
                 self.server.stalls_expired += 1  # the client waited longer than the server stalled
         self.close_connection = True  # "drop": the socket closes with the rest of the body missing
 
+    def _range(self) -> tuple[int, int] | None:
+        """(first, last) byte of a `Range: bytes=a-b` request, when this server honours Range at all."""
+        header = self.headers.get("Range")
+        if not self.server.ranges or not header or not header.startswith("bytes="):
+            return None
+        first, _, last = header[len("bytes="):].partition("-")
+        return int(first), int(last)
+
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, root):
+    def __init__(self, root, ranges):
         super().__init__(("127.0.0.1", 0), functools.partial(_FaultyHandler, directory=str(root)))
+        self.ranges = ranges
+        self.range_bytes: dict[str, int] = {}
         self.faults: dict[str, list] = {}  # file name -> [kind, times left or None for always]
         self.stopping = threading.Event()
         self.requests: list[str] = []
         self.stalls_expired = 0
         self.lock = threading.Lock()
+
+    def record_bytes(self, name, count):
+        with self.lock:
+            self.range_bytes[name] = self.range_bytes.get(name, 0) + count
 
     def take_fault(self, name):
         with self.lock:
@@ -71,10 +97,12 @@ class _Server(ThreadingHTTPServer):
 
 
 class ShardHTTPServer:
-    """Serves folder `root` at `self.url` (http://127.0.0.1:PORT) from a background thread."""
+    """Serves folder `root` at `self.url` (http://127.0.0.1:PORT) from a background thread. With `ranges` it answers
+    `Range: bytes=a-b` requests with 206 and those bytes (python's http.server alone ignores Range, as some servers
+    do: ranges=False keeps that behaviour)."""
 
-    def __init__(self, root):
-        self._server = _Server(root)
+    def __init__(self, root, ranges: bool = True):
+        self._server = _Server(root, ranges)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         # a short poll interval makes stop() quick (shutdown waits for the next poll)
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
@@ -90,6 +118,11 @@ class ShardHTTPServer:
     def requests_for(self, name: str) -> int:
         with self._server.lock:
             return self._server.requests.count(name)
+
+    def bytes_sent_by_range(self, name: str) -> int:
+        """Bytes of `name` sent in answer to Range requests."""
+        with self._server.lock:
+            return self._server.range_bytes.get(name, 0)
 
     def stalls_expired(self) -> int:
         """Stalled responses that ran out of patience before the client gave up (0 if client timeouts work)."""

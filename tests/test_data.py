@@ -3,14 +3,18 @@
 Ranks are simulated in one process by building each rank's loader (with real DataLoader worker processes), which is
 exactly what each torchrun process does; the multi-process runs are in test_train.py.
 """
+import os
 import re
 from collections import Counter
 
 import pytest
 import torch
 
-from distributed_train.data import (Piece, batches_before, cut_ranges, eval_loader, even_split,
-                                    train_batches_per_rank, train_loader)
+from distributed_train.batches import RunData
+from distributed_train.config import Config
+from distributed_train.data import (EpochCursor, Piece, PieceReader, batches_before, cut_ranges, eval_loader,
+                                    even_split, run_train_loader, train_batches_per_rank, train_loader)
+from distributed_train.dist import DistContext
 from shard_tools.manifest import Manifest, ShardInfo
 from shard_tools.errors import ShardReadError, one_line as error_line
 
@@ -124,3 +128,62 @@ def test_an_undecodable_sample_is_named_with_its_shard(damaged_shards, workers):
             list(loader)
         assert re.search(f"sample {where} cannot be decoded", error_line(e.value)), error_line(e.value)
         assert "shard_tools verify" in error_line(e.value)
+
+
+# ---- one loader for the whole run ----------------------------------------------------------------------------------
+class PidTagged:
+    """A read_piece that tags each sample's key with the process that read it."""
+
+    def __init__(self):
+        self.reader = PieceReader()
+
+    def __call__(self, piece):
+        for sample in self.reader(piece):
+            yield {**sample, "__key__": f"{sample['__key__']}@{os.getpid()}"}
+
+
+def run_keys(loader) -> tuple[list[str], set[str]]:
+    tagged = [k for _, _, keys in loader for k in keys]
+    return [k.split("@")[0] for k in tagged], {k.split("@")[1] for k in tagged}
+
+
+def test_persistent_workers_stream_every_epoch_as_a_fresh_loader_would(uneven_shards):
+    manifest = Manifest.read(str(uneven_shards))
+    kw = dict(rank=1, world_size=2, batch_size=4, accum_steps=1, image_size=24, workers=2, seed=5)
+    cursor = EpochCursor()
+    loader = run_train_loader(manifest, cursor, read_piece=PidTagged(), **kw)
+    workers, seen = set(), {}
+    for epoch, skip in [(0, 0), (1, 0), (1, 5), (2, 3), (0, 0)]:
+        fresh, _ = train_loader(manifest, epoch=epoch, skip_batches=skip, **kw)
+        expected = [(images, keys) for images, _, keys in fresh]
+        cursor.set(epoch, skip)
+        got = [(images, keys) for images, _, keys in loader]
+        assert [[k.split("@")[0] for k in keys] for _, keys in got] == [keys for _, keys in expected]
+        assert all(torch.equal(a, b) for (a, _), (b, _) in zip(got, expected))  # same crops too
+        workers |= {k.split("@")[1] for _, keys in got for k in keys}
+        seen[epoch, skip] = [k.split("@")[0] for _, keys in got for k in keys]
+    assert len(workers) == 2, "the same two worker processes served every epoch"
+    assert seen[1, 0] != seen[0, 0]  # each epoch its own order
+    assert seen[1, 5] == seen[1, 0][5 * 4:]  # resuming after 5 batches continues the uninterrupted epoch
+
+
+def test_run_data_starts_the_next_epoch_ahead_and_resumes_mid_epoch(uneven_shards):
+    manifest = Manifest.read(str(uneven_shards))
+    cfg = Config(data=str(uneven_shards), run_dir="unused", workers=2, batch_size=4, image_size=24, max_steps=80,
+                 seed=2)
+    data = RunData(cfg, DistContext(0, 1, 0, torch.device("cpu")), manifest, torch.contiguous_format)
+    try:
+        def epoch_keys(epoch, skip):
+            return [k for _, _, keys in data.epoch(epoch, skip) for k in keys]
+
+        def fresh_keys(epoch, skip):
+            loader, _ = train_loader(manifest, rank=0, world_size=1, batch_size=4, accum_steps=1, image_size=24,
+                                     workers=2, seed=2, epoch=epoch, skip_batches=skip)
+            return [k for _, _, keys in loader for k in keys]
+
+        assert epoch_keys(0, 0) == fresh_keys(0, 0)
+        assert data.ahead is not None and data.ahead[:2] == (1, 0)  # started when epoch 0 ended
+        assert epoch_keys(1, 0) == fresh_keys(1, 0)
+        assert epoch_keys(3, 7) == fresh_keys(3, 7)  # asked for something else: the run ahead is dropped
+    finally:
+        data.close()

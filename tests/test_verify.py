@@ -37,8 +37,8 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def rewrite_shard(root, name: str, samples: list[dict]) -> None:
-    """Replace a shard with these samples (key -> members) and record its new size and sha256 in the manifest, so
-    that only the sample checks can object."""
+    """Replace a shard with these samples (key -> members) and record its new size and sha256 (and no index) in the
+    manifest, so that only the sample checks can object."""
     with tarfile.open(root / name, "w") as tar:
         for s in samples:
             for ext in ("jpg", "cls", "json"):
@@ -49,6 +49,7 @@ def rewrite_shard(root, name: str, samples: list[dict]) -> None:
         for shard in split.shards:
             if shard.name == name:
                 shard.bytes, shard.sha256 = len(data), hashlib.sha256(data).hexdigest()
+                shard.index = shard.index_sha256 = ""  # the old index describes the old bytes
     manifest.write(str(root))
 
 
