@@ -11,6 +11,7 @@ from PIL import Image
 from shard_fixtures import decode, solid, textured, write_csv
 from shard_tools.images import SkipImage, prepare
 from shard_tools.labels import ImageFinder, LabelsError, class_order, load_rows
+from shard_tools import split
 from shard_tools.split import assign_splits, count_duplicate_groups, group_near_duplicates
 from shard_tools.stats import PixelSums
 
@@ -227,28 +228,67 @@ def test_grouping_is_transitive_and_uses_the_distance():
     assert list(group_near_duplicates(hashes, max_distance=0)) == [0, 1, 2, 3, 0]
 
 
-@pytest.mark.parametrize("shared_band", [False, True], ids=["small-buckets", "one-big-bucket"])
-def test_banded_grouping_equals_brute_force(shared_band):
-    rng = np.random.default_rng(1)
-    base = rng.integers(0, 2**63, 60, dtype=np.uint64)
-    if shared_band:
-        # 60 pictures with the same lowest band (as dark ones have), more than SMALL_BUCKET; each copy differs from
-        # its original by one bit in each other band, so only that big bucket can pair them
-        base &= ~np.uint64(0x7FF)
-        bands = np.array_split(np.arange(64), 6)[1:]
-        noisy = [np.uint64(int(h) ^ sum(1 << int(rng.choice(band)) for band in bands)) for h in base]
-    else:
-        noisy = [np.uint64(int(h) ^ sum(1 << int(b) for b in rng.choice(64, rng.integers(0, 9), replace=False)))
-                 for h in base]
-    hashes = np.concatenate([base, np.array(noisy, dtype=np.uint64)])
-    groups = group_near_duplicates(hashes, max_distance=5)
-    # brute force: connected components of the "distance <= 5" graph
+def _all_pairs_groups(hashes: np.ndarray, max_distance: int) -> list[int]:
+    """Reference: compare every pair, then name each connected component by its smallest index."""
     n = len(hashes)
-    close = np.bitwise_count(hashes[:, None] ^ hashes[None, :]) <= 5
-    label = list(range(n))
-    for _ in range(n):
-        label = [min(label[j] for j in np.flatnonzero(close[i])) for i in range(n)]
-    assert list(groups) == label
+    label = np.arange(n)
+    close = np.bitwise_count(hashes[:, None] ^ hashes[None, :]) <= max_distance
+    while True:  # min-label propagation until nothing changes
+        lower = np.where(close, label[None, :], n).min(axis=1)
+        if np.array_equal(lower, label):
+            return label.tolist()
+        label = lower
+
+
+def _flipped(rng, hashes: np.ndarray, max_bits: int) -> np.ndarray:
+    """Each hash with 0..max_bits random bits flipped."""
+    out = hashes.copy()
+    for i, count in enumerate(rng.integers(0, max_bits + 1, len(out))):
+        for bit in rng.choice(64, count, replace=False):
+            out[i] ^= np.uint64(1 << int(bit))
+    return out
+
+
+def _hash_set(kind: str, rng) -> np.ndarray:
+    if kind == "random":  # about 1 in 10 near a few of the others, the rest unrelated
+        base = rng.integers(0, 2**64, 500, dtype=np.uint64)
+        return np.concatenate([base, _flipped(rng, base[:60], 7)])
+    if kind == "clustered":  # bursts of one scene, a dense block of dark frames, exact copies
+        bursts = _flipped(rng, np.repeat(rng.integers(0, 2**64, 40, dtype=np.uint64), 8), 6)
+        dark = _flipped(rng, np.full(300, 0xFF, dtype=np.uint64), 3)
+        return np.concatenate([bursts, dark, bursts[:20], np.zeros(30, dtype=np.uint64)])
+    # one big bucket of the old 6 x 11-bit banding: 120 hashes share their lowest 11 bits, and each copy differs from
+    # its original by one bit in each other band, so only that bucket can pair them
+    base = rng.integers(0, 2**63, 120, dtype=np.uint64) & ~np.uint64(0x7FF)
+    bands = np.array_split(np.arange(64), 6)[1:]
+    noisy = [np.uint64(int(h) ^ sum(1 << int(rng.choice(band)) for band in bands)) for h in base]
+    return np.concatenate([base, np.array(noisy, dtype=np.uint64)])
+
+
+@pytest.mark.parametrize("kind", ["random", "clustered", "shared-band"])
+def test_grouping_equals_all_pairs_comparison(kind):
+    rng = np.random.default_rng(["random", "clustered", "shared-band"].index(kind))
+    hashes = _hash_set(kind, rng)
+    hashes = hashes[rng.permutation(len(hashes))]
+    for max_distance in (1, 3, 5, 8):
+        expected = _all_pairs_groups(hashes, max_distance)
+        if max_distance == 5:
+            assert len(set(expected)) < len(hashes) - 10  # the set does have groups at the default distance
+        # every way of cutting the hash (k = d compares all pairs; the default is sized to the data) finds them
+        for parts in (None, max_distance, max_distance + 1, max_distance + 2, max_distance + 4):
+            groups = group_near_duplicates(hashes, max_distance, parts=parts)
+            assert groups.tolist() == expected, (max_distance, parts)
+
+
+def test_grouping_of_a_dense_cluster_compares_blocks_of_pairs(monkeypatch):
+    # 2,000 distinct hashes within 3 bits of one value share every key: their pairs come in several blocks
+    monkeypatch.setattr(split, "PAIR_BLOCK", 5000)
+    rng = np.random.default_rng(5)
+    hashes = np.unique(_flipped(rng, np.full(2400, 0xF0F0, dtype=np.uint64), 3))
+    hashes = np.concatenate([hashes, rng.integers(0, 2**64, 200, dtype=np.uint64)])
+    expected = _all_pairs_groups(hashes, 5)
+    for parts in (None, 5):  # 5: one key holding every pair, so each block is needed
+        assert group_near_duplicates(hashes, 5, parts=parts).tolist() == expected
 
 
 def test_split_is_stratified_deterministic_and_keeps_groups_whole():
