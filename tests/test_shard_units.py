@@ -26,8 +26,8 @@ def test_ids_stay_strings_and_resolve_with_or_without_extension(tmp_path):
     csv = write_csv(tmp_path / "l.csv", [("00042", "x"), ("photo.png", "y"), ("sub/deep", "x"), ("upper", "y")])
     rows, skipped, total = load_rows(str(images), str(csv))
     assert skipped == [] and total == 4
-    assert [r.id for r in rows] == ["00042", "photo.png", "sub/deep", "upper"]
-    assert [r.path.split("images/")[1] for r in rows] == ["00042.jpg", "photo.png", "sub/deep.jpeg", "upper.JPG"]
+    assert [r.id for r in rows.itertuples()] == ["00042", "photo.png", "sub/deep", "upper"]
+    assert [r.path.split("images/")[1] for r in rows.itertuples()] == ["00042.jpg", "photo.png", "sub/deep.jpeg", "upper.JPG"]
 
 
 def test_a_csv_without_header_keeps_its_first_row(tmp_path, capsys):
@@ -37,11 +37,11 @@ def test_a_csv_without_header_keeps_its_first_row(tmp_path, capsys):
         solid(images / f"{name}.jpg", (1, 2, 3))
     (tmp_path / "l.csv").write_text("00001,0\n00002,1\n00003,0\n")
     rows, skipped, total = load_rows(str(images), str(tmp_path / "l.csv"))
-    assert [(r.row, r.id, r.label) for r in rows] == [(0, "00001", "0"), (1, "00002", "1"), (2, "00003", "0")]
+    assert [(r.row, r.id, r.label) for r in rows.itertuples()] == [(0, "00001", "0"), (1, "00002", "1"), (2, "00003", "0")]
     assert total == 3 and skipped == []
     assert "has no header line (its first cell, '00001', is an image" in capsys.readouterr().err
     (tmp_path / "h.csv").write_text("id,label\n00001,0\n")  # a real header stays a header, silently
-    assert [r.id for r in load_rows(str(images), str(tmp_path / "h.csv"))[0]] == ["00001"]
+    assert [r.id for r in load_rows(str(images), str(tmp_path / "h.csv"))[0].itertuples()] == ["00001"]
     assert capsys.readouterr().err == ""
 
 
@@ -53,7 +53,7 @@ def test_every_bad_row_is_skipped_with_a_reason(tmp_path):
                                          ("missing", "x"), ("b", ""), ("sub/../../outside", "x")])
     solid(images / "b.jpg", (1, 2, 3))
     rows, skipped, total = load_rows(str(images), str(csv))
-    assert [r.row for r in rows] == [0] and total == 7
+    assert rows["row"].tolist() == [0] and total == 7
     reasons = {s.row: s.reason for s in skipped}
     assert "duplicate id" in reasons[1] and "outside" in reasons[2] and "absolute" in reasons[3]
     assert "not found" in reasons[4] and "empty label" in reasons[5] and "outside" in reasons[6]
@@ -95,7 +95,7 @@ def test_named_columns(tmp_path):
     solid(tmp_path / "images" / "7.jpg", (1, 2, 3))
     csv = write_csv(tmp_path / "l.csv", [("x", "7", "cat")], header=("junk", "file", "species"))
     rows, _, _ = load_rows(str(tmp_path / "images"), str(csv), id_column="file", label_column="species")
-    assert (rows[0].id, rows[0].label) == ("7", "cat")
+    assert (rows["id"][0], rows["label"][0]) == ("7", "cat")
     with pytest.raises(LabelsError, match="no column 'kind'"):
         load_rows(str(tmp_path / "images"), str(csv), id_column="file", label_column="kind")
 
