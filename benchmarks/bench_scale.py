@@ -8,11 +8,12 @@
 images sharing one hash (blank frames). Sizes are alternated over --rounds and each keeps its median; it prints
 us per hash and the ratio to the smallest size (near-linear: ~1x).
 
---build generates N small licence-free JPEGs in code (smooth random pictures, 10% near-duplicate bursts re-saved at
-another quality, 5% identical blank frames, 100 classes), then runs `build` in a child process and prints wall time
-per stage and us per row, the serial share (everything but encode and write), peak RSS of the parent and of the
-largest worker (getrusage), and disk in use at the peak vs the finished dataset. With --array K it also runs the
-SLURM path: plan, K slices one after another, then merge, each in its own process, with merge's peak RSS.
+--build generates N small licence-free JPEGs in code (smoothed random 9x8 mosaics, whose hashes spread like
+photos'; 10% near-duplicate bursts re-saved at another quality, 5% identical blank frames, 100 classes), then runs
+`build` in a child process and prints wall time per stage and us per row, the serial share (everything but encode
+and write), peak RSS of the parent and of the largest worker (getrusage), and disk in use at the peak vs the
+finished dataset. With --array K it also runs the SLURM path: plan, K slices one after another, then merge, each in
+its own process, with merge's peak RSS and serial time.
 """
 from __future__ import annotations
 
@@ -95,7 +96,7 @@ def _make_images(args) -> list[tuple[str, str]]:
         else:
             burst = i % 10 == 9  # 10% near-duplicates: the previous picture, re-saved at another quality
             seed = i - 1 if burst else i
-            coarse = np.random.default_rng(seed).integers(0, 256, (3, 4, 3), dtype=np.uint8)
+            coarse = np.random.default_rng(seed).integers(0, 256, (8, 9, 3), dtype=np.uint8)  # ~random hash bits
             img = Image.fromarray(coarse).resize((64, 48), Image.BICUBIC)
             img.save(f"{folder}/{name}.jpg", quality=70 if burst else 85)
         rows.append((name, f"class{rng.integers(0, 100):03d}"))

@@ -20,7 +20,7 @@ import math
 import numpy as np
 
 DEFAULT_MAX_DISTANCE = 5  # real photos: re-saved copies differ in 0-4 bits, the closest other shots in 5+, most in 10+
-PAIR_BLOCK = 1 << 22  # candidate pairs compared per numpy pass: bounds the memory of a big bucket
+PAIR_BLOCK = 1 << 20  # candidate pairs compared per numpy pass: bounds the memory of a big bucket
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: spreads a key's bits over the top bits of the product
 
 

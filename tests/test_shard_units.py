@@ -5,12 +5,14 @@ import io
 import itertools
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
 from shard_fixtures import decode, solid, textured, write_csv
 from shard_tools.images import SkipImage, prepare
 from shard_tools.labels import ImageFinder, LabelsError, class_order, load_rows
+from shard_tools.plan import exact_sum, hex_hashes
 from shard_tools import split
 from shard_tools.split import assign_splits, count_duplicate_groups, group_near_duplicates
 from shard_tools.stats import PixelSums
@@ -27,7 +29,8 @@ def test_ids_stay_strings_and_resolve_with_or_without_extension(tmp_path):
     rows, skipped, total = load_rows(str(images), str(csv))
     assert skipped == [] and total == 4
     assert [r.id for r in rows.itertuples()] == ["00042", "photo.png", "sub/deep", "upper"]
-    assert [r.path.split("images/")[1] for r in rows.itertuples()] == ["00042.jpg", "photo.png", "sub/deep.jpeg", "upper.JPG"]
+    stored = [r.path.split("images/")[1] for r in rows.itertuples()]
+    assert stored == ["00042.jpg", "photo.png", "sub/deep.jpeg", "upper.JPG"]
 
 
 def test_a_csv_without_header_keeps_its_first_row(tmp_path, capsys):
@@ -37,7 +40,8 @@ def test_a_csv_without_header_keeps_its_first_row(tmp_path, capsys):
         solid(images / f"{name}.jpg", (1, 2, 3))
     (tmp_path / "l.csv").write_text("00001,0\n00002,1\n00003,0\n")
     rows, skipped, total = load_rows(str(images), str(tmp_path / "l.csv"))
-    assert [(r.row, r.id, r.label) for r in rows.itertuples()] == [(0, "00001", "0"), (1, "00002", "1"), (2, "00003", "0")]
+    assert [(r.row, r.id, r.label) for r in rows.itertuples()] == [(0, "00001", "0"), (1, "00002", "1"),
+                                                                   (2, "00003", "0")]
     assert total == 3 and skipped == []
     assert "has no header line (its first cell, '00001', is an image" in capsys.readouterr().err
     (tmp_path / "h.csv").write_text("id,label\n00001,0\n")  # a real header stays a header, silently
@@ -68,6 +72,25 @@ def test_image_finder_falls_back_to_the_disk_for_what_its_folder_listing_misses(
     assert finder.find("late")[0] == str(images / "late.png")
     path, reason = finder.find("sub/none")
     assert path is None and "not found" in reason and "sub/none.jpg" in reason
+
+
+def test_image_finder_column_wise_finds_what_find_finds(tmp_path):
+    images = tmp_path / "images"
+    for name in ("a.jpg", "a.png", "b.webp", "c.d.jpg", "e.jpg", ".hidden.jpg", "f.JPEG", "sub/g.jpg"):
+        solid(images / name, (1, 2, 3))
+    ids = ["a", "a.png", "b", "c.d", "c.d.jpg", "e.jpg", ".hidden", "f", "sub/g", "sub/../a", "../a", "/a", "", ".",
+           "missing", "e.png", "a.jpg.jpg"]
+    finder = ImageFinder(str(images))
+    paths, reasons = finder.find_all(pd.Series(ids, dtype=str))
+    assert list(zip(paths, reasons)) == [finder.find(i) for i in ids]
+    assert paths[0].endswith("/a.jpg") and paths[2].endswith("/b.webp") and paths[7].endswith("/f.JPEG")
+
+
+def test_plan_helpers_are_exact():
+    big = np.full(4, 2**62 + 12345, dtype=np.int64)
+    assert exact_sum(big) == 4 * (2**62 + 12345)  # past 2^63: int64 addition would wrap
+    hashes = np.array([0, 1, 0xFEDCBA9876543210, 2**64 - 1], dtype=np.uint64)
+    assert hex_hashes(hashes).tolist() == [f"{int(h):016x}" for h in hashes]
 
 
 @pytest.mark.parametrize("labels, expected", [
