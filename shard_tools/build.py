@@ -23,7 +23,7 @@ from tqdm import tqdm
 from shard_tools.encode import Chunk, Encoded, encode_chunk_columns, read_chunk
 from shard_tools.labels import Skipped, load_rows
 from shard_tools.manifest import MANIFEST_NAME, SPLITS, Manifest, ShardInfo, SplitInfo, write_json_atomic
-from shard_tools.plan import PLAN_DIR, BuildError, BuildSettings, Layout, ShardTask, WorkList, hex_hashes, make_layout
+from shard_tools.plan import PLAN_DIR, BuildError, BuildSettings, Layout, WorkList, hex_hashes, make_layout
 from shard_tools.pool import imap, worker_pool
 from shard_tools.writer import write_shard_job
 
@@ -85,15 +85,15 @@ def _encode(chunks: list[Chunk], pool, progress: bool) -> Encoded:
     return Encoded.concat(parts) if parts else Encoded.from_records([])
 
 
-def _pack(tasks: list[ShardTask], out: str, pool, progress: bool) -> dict[str, tuple[int, str]]:
-    """Step 3: write the shards, biggest first so no worker is left alone with a big one at the end."""
-    tasks = sorted(tasks, key=lambda t: -len(t.samples))
+def _pack(layout: Layout, spool: str, out: str, pool, progress: bool) -> dict[str, tuple[int, str]]:
+    """Step 3: write the shards. Their tasks are made one at a time as the workers take them (see shard_tasks)."""
+    counts = layout.samples["shard"].value_counts()
     results = {}
-    with tqdm(total=sum(len(t.samples) for t in tasks), desc="write", unit="img", disable=not progress,
-              dynamic_ncols=True) as bar:
-        for task, (name, size, sha256) in zip(tasks, imap(pool, write_shard_job, [(t, out) for t in tasks])):
+    with tqdm(total=len(layout.samples), desc="write", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        jobs = ((task, out) for task in layout.shard_tasks(spool))
+        for name, size, sha256 in imap(pool, write_shard_job, jobs):
             results[name] = (size, sha256)
-            bar.update(len(task.samples))
+            bar.update(int(counts[name]))
     return results
 
 
@@ -104,7 +104,7 @@ def _finish(work: WorkList, out: str, encoded: Encoded, pool, progress: bool) ->
     table = layout.samples[columns].assign(hash=hex_hashes(layout.samples["hash"].to_numpy()))
     table.to_csv(os.path.join(work.folder, "plan.csv"), index=False)  # for people and tests
     spool = os.path.join(work.folder, "chunks")
-    shards = _pack(layout.shard_tasks(spool), out, pool, progress)
+    shards = _pack(layout, spool, out, pool, progress)
     manifest = finalize(work, layout, shards, out)
     shutil.rmtree(spool, ignore_errors=True)  # as big as the shards themselves
     return manifest

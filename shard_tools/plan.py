@@ -117,13 +117,15 @@ class Layout:
     duplicate_groups: int
     duplicate_images: int
 
-    def shard_tasks(self, spool_folder: str) -> list[ShardTask]:
-        """Every shard, train shards first, in name order (the global shard index)."""
-        tasks = []
-        for name, part in self.samples.groupby("shard", sort=False):
+    def shard_tasks(self, spool_folder: str):
+        """Every shard's task, biggest first (so no worker is left alone with a big one at the end), made one at a
+        time as the pool asks for them: all of them at once would hold a Python tuple per sample."""
+        positions = self.samples.groupby("shard", sort=False).indices
+        sizes = {name: len(p) for name, p in positions.items()}
+        for name in sorted(sizes, key=lambda name: -sizes[name]):
+            part = self.samples.iloc[positions[name]]
             cols = [part[c].tolist() for c in ("row", "id", "label", "cls", "chunk", "offset", "length")]
-            tasks.append(ShardTask(name, part["split"].iloc[0], list(zip(*cols)), spool_folder))
-        return tasks
+            yield ShardTask(name, part["split"].iloc[0], list(zip(*cols)), spool_folder)
 
     def pixel_sums(self, split: str) -> PixelSums:
         """Exact sums over every stored pixel of a split (integer addition: order does not matter)."""
