@@ -67,7 +67,7 @@ def _link_close(values: np.ndarray, max_distance: int, parts: int | None) -> np.
         raise ValueError(f"parts must be in {max_distance}..64, got {parts}")
     labels = np.arange(n)
     forward = np.arange(n)  # scratch for relabelling, kept equal to arange between merges
-    slot_bits = min(62, max(1, math.ceil(math.log2(n)) + 2))  # ~4 slots per value: few unrelated values share one
+    slot_bits = min(32, max(1, math.ceil(math.log2(n)) + 2))  # ~4 slots a value; 32: slot and group share a uint64
     for mask in _key_masks(parts, max_distance):
         slots = (((values & mask) * _MIX) >> np.uint64(64 - slot_bits)).astype(np.intp)
         for a, b in _candidate_pairs(slots, labels):
