@@ -191,11 +191,11 @@ def _mb(b: float) -> str:
     return f"{b / 2**20:7.0f} MB"
 
 
-def bench_build(sizes: list[int], workers: int, array: int, keep: Path | None) -> None:
+def bench_build(sizes: list[int], workers: int, array: int, where: Path | None) -> None:
     print(f"build of generated 64x48 JPEGs, --size 48 --shard-size 5000 --workers {workers}")
     rows = []
     for n in sizes:
-        tmp = Path(tempfile.mkdtemp(prefix="bench_scale-", dir=keep))
+        tmp = Path(tempfile.mkdtemp(prefix="bench_scale-", dir=where))
         try:
             start = time.perf_counter()
             images, labels = make_dataset(n, tmp / "data", workers)
@@ -221,8 +221,7 @@ def bench_build(sizes: list[int], workers: int, array: int, keep: Path | None) -
                       f" serial {m_serial:.1f} s = {m_serial / n * 1e6:.1f} us/row; merge peak RSS"
                       f" {_mb(m['parent_rss']).strip()}, largest worker {_mb(m['worker_rss']).strip()}", flush=True)
         finally:
-            if keep is None:
-                shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
     if len(rows) > 1:
         (n0, r0), (n1, r1) = rows[0], rows[-1]
         growth = (r1["parent_rss"] - r0["parent_rss"]) / (n1 - n0)
@@ -239,7 +238,7 @@ def main() -> int:
     ap.add_argument("--build", type=int, nargs="*", default=[], metavar="N", help="image counts to build")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--array", type=int, default=0, metavar="K", help="also time plan -> K slices -> merge")
-    ap.add_argument("--tmp", type=Path, help="where the generated images and outputs go (default: system temp)")
+    ap.add_argument("--tmp", type=Path, help="folder for the generated images and outputs, removed after each size (default: system temp)")
     args = ap.parse_args()
     print(machine_line())
     print(load_line())
