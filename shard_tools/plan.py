@@ -177,13 +177,15 @@ def make_layout(settings: BuildSettings, rows: pd.DataFrame, encoded: Encoded, s
     df["group"] = df["row"].to_numpy()[groups]  # name a group by its first CSV row: stable and readable
     is_val = assign_splits(df["cls"].to_numpy(), groups, len(classes), settings.val_fraction, settings.seed)
     df["split"] = np.where(is_val, "val", "train")
-    # Sample order inside a split is a seeded shuffle, so each shard is a random mix of classes.
+    # Sample order inside a split is a seeded shuffle, so each shard is a random mix of classes. One reordering
+    # of the whole table (not a copy per split and another to join them): this is the parent's memory peak.
     rng = np.random.default_rng([settings.seed, 1])
-    parts = []
+    order, shards = [], []
     for split in SPLITS:
-        part = df[df["split"] == split]
-        part = part.iloc[rng.permutation(len(part))].copy()
-        part["shard"] = shard_names(split, len(part), settings.shard_size)
-        parts.append(part)
+        members = np.flatnonzero(is_val == (split == "val"))
+        order.append(members[rng.permutation(len(members))])
+        shards += shard_names(split, len(members), settings.shard_size)
+    samples = df.iloc[np.concatenate(order)].reset_index(drop=True)
+    samples["shard"] = shards
     n_groups, n_images = count_duplicate_groups(groups)
-    return Layout(classes, pd.concat(parts, ignore_index=True), skipped, n_groups, n_images)
+    return Layout(classes, samples, skipped, n_groups, n_images)
