@@ -310,8 +310,12 @@ def test_grouping_of_a_dense_cluster_compares_blocks_of_pairs(monkeypatch):
     hashes = np.unique(_flipped(rng, np.full(2400, 0xF0F0, dtype=np.uint64), 3))
     hashes = np.concatenate([hashes, rng.integers(0, 2**64, 200, dtype=np.uint64)])
     expected = _all_pairs_groups(hashes, 5)
-    for parts in (None, 5):  # 5: one key holding every pair, so each block is needed
+    for parts in (None, 5):  # 5: one key holding every pair
         assert group_near_duplicates(hashes, 5, parts=parts).tolist() == expected
+    # 300 unrelated pairs of copies in that one key: each block holds some of them
+    base = rng.integers(0, 2**64, 300, dtype=np.uint64)
+    pairs = np.concatenate([base, base ^ np.uint64(1 << 9)])
+    assert group_near_duplicates(pairs, 5, parts=5).tolist() == list(range(300)) * 2
 
 
 def test_split_is_stratified_deterministic_and_keeps_groups_whole():
