@@ -17,13 +17,14 @@ import glob
 import os
 import shutil
 
+import numpy as np
 from tqdm import tqdm
 
-from shard_tools.encode import Chunk, encode_chunk, read_chunk
+from shard_tools.encode import Chunk, Encoded, encode_chunk_columns, read_chunk
 from shard_tools.labels import Skipped, load_rows
 from shard_tools.fileio import write_json_atomic
 from shard_tools.manifest import MANIFEST_NAME, SPLITS, Manifest, ShardInfo, SplitInfo
-from shard_tools.plan import PLAN_DIR, BuildError, BuildSettings, Layout, ShardTask, WorkList, make_layout
+from shard_tools.plan import PLAN_DIR, BuildError, BuildSettings, Layout, WorkList, hex_hashes, make_layout
 from shard_tools.pool import imap, worker_pool
 from shard_tools.writer import index_fields, write_shard_job
 
@@ -40,7 +41,7 @@ def _owned_paths(out: str) -> list[str]:
     """Files and folders a build writes; removed on --overwrite (anything else in OUT is left alone)."""
     names = [SKIPPED_NAME, INFO_NAME, PLAN_DIR]
     patterns = [f"{split}-*.{ext}" for split in SPLITS for ext in ("tar", "idx")] + \
-        [f".{split}-*.tar.partial" for split in SPLITS]
+        [f".{split}-*.partial" for split in SPLITS]  # atomic_write's temporary files
     return [os.path.join(out, n) for n in names] + [p for pat in patterns for p in glob.glob(os.path.join(out, pat))]
 
 
@@ -75,36 +76,37 @@ def plan_dataset(settings: BuildSettings, out: str, *, overwrite: bool = False) 
     return work
 
 
-def _encode(chunks: list[Chunk], pool, progress: bool) -> list[dict]:
+def _encode(chunks: list[Chunk], pool, progress: bool) -> Encoded:
     """Step 1: decode every image once (see encode.py), chunks in parallel."""
-    records = []
+    parts = []
     with tqdm(total=sum(len(c.rows) for c in chunks), desc="encode", unit="img", disable=not progress,
               dynamic_ncols=True) as bar:
-        for chunk_records in imap(pool, encode_chunk, chunks):
-            records += chunk_records
-            bar.update(len(chunk_records))
-    return records
+        for part in imap(pool, encode_chunk_columns, chunks):
+            parts.append(part)
+            bar.update(len(part.row) + len(part.skipped))
+    return Encoded.concat(parts) if parts else Encoded.from_records([])
 
 
-def _pack(tasks: list[ShardTask], out: str, pool, progress: bool) -> dict[str, tuple[int, str]]:
-    """Step 3: write the shards, biggest first so no worker is left alone with a big one at the end."""
-    tasks = sorted(tasks, key=lambda t: -len(t.samples))
+def _pack(layout: Layout, spool: str, out: str, pool, progress: bool) -> dict[str, tuple[int, str]]:
+    """Step 3: write the shards. Their tasks are made one at a time as the workers take them (see shard_tasks)."""
+    counts = layout.samples["shard"].value_counts()
     results = {}
-    with tqdm(total=sum(len(t.samples) for t in tasks), desc="write", unit="img", disable=not progress,
-              dynamic_ncols=True) as bar:
-        for task, (name, size, sha256) in zip(tasks, imap(pool, write_shard_job, [(t, out) for t in tasks])):
+    with tqdm(total=len(layout.samples), desc="write", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        jobs = ((task, out) for task in layout.shard_tasks(spool))
+        for name, size, sha256 in imap(pool, write_shard_job, jobs):
             results[name] = (size, sha256)
-            bar.update(len(task.samples))
+            bar.update(int(counts[name]))
     return results
 
 
-def _finish(work: WorkList, out: str, records: list[dict], pool, progress: bool) -> Manifest:
+def _finish(work: WorkList, out: str, encoded: Encoded, pool, progress: bool) -> Manifest:
     """Steps 2-4: layout (duplicates, split, order), pack the shards, write the manifest; then drop the spool."""
-    layout = make_layout(work.settings, records, work.skipped)
+    layout = make_layout(work.settings, work.rows, encoded, work.skipped)
     columns = ["row", "id", "label", "cls", "hash", "group", "split", "shard", "passthrough"]
-    layout.samples[columns].to_csv(os.path.join(work.folder, "plan.csv"), index=False)  # for people and tests
+    table = layout.samples[columns].assign(hash=hex_hashes(layout.samples["hash"].to_numpy()))
+    table.to_csv(os.path.join(work.folder, "plan.csv"), index=False)  # for people and tests
     spool = os.path.join(work.folder, "chunks")
-    shards = _pack(layout.shard_tasks(spool), out, pool, progress)
+    shards = _pack(layout, spool, out, pool, progress)
     manifest = finalize(work, layout, shards, out)
     shutil.rmtree(spool, ignore_errors=True)  # as big as the shards themselves
     return manifest
@@ -144,25 +146,27 @@ def merge(out: str, *, workers: int = 1, progress: bool = True) -> Manifest:
         listed = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
         raise BuildError(f"{len(missing)} of {len(chunks)} image chunks are not encoded yet (chunk {listed}; chunk i "
                          "belongs to slice i % N): rerun those `build --plan ... --slice K/N` tasks, then merge")
-    records = [r for c in chunks for r in read_chunk(c)]
+    encoded = Encoded.concat([Encoded.from_records(read_chunk(c)) for c in chunks])
     stale = os.path.join(out, MANIFEST_NAME)  # from an earlier merge: it must not vouch for shards being rewritten
     if os.path.exists(stale):
         os.remove(stale)
     with worker_pool(workers) as pool:
-        return _finish(work, out, records, pool, progress)
+        return _finish(work, out, encoded, pool, progress)
 
 
 def finalize(work: WorkList, layout: Layout, shards: dict[str, tuple[int, str]], out: str) -> Manifest:
     """skipped.csv, _info.json and, last, manifest.json. Everything merged in shard order from exact integers, so
     the result does not depend on which worker or slice did what."""
     splits = {}
-    for task in layout.shard_tasks(""):
-        size, sha256 = shards[task.name]
-        split = splits.setdefault(task.split, SplitInfo(0, [0] * len(layout.classes)))
-        split.shards.append(ShardInfo(task.name, len(task.samples), size, sha256, **index_fields(out, task.name)))
-        split.num_samples += len(task.samples)
-        for sample in task.samples:
-            split.class_counts[sample[3]] += 1
+    samples = layout.samples
+    for name, count in samples.groupby("shard", sort=False).size().items():  # in sample order: train first
+        size, sha256 = shards[name]
+        split = splits.setdefault(name.split("-")[0], SplitInfo(0, [0] * len(layout.classes)))
+        split.shards.append(ShardInfo(name, int(count), size, sha256, **index_fields(out, name)))
+        split.num_samples += int(count)
+    for name, split in splits.items():
+        cls = samples.loc[samples["split"] == name, "cls"].to_numpy()
+        split.class_counts = np.bincount(cls, minlength=len(layout.classes)).tolist()
     if "train" not in splits:
         raise BuildError("no training image could be written; see skipped.csv")
     _write_skipped(os.path.join(out, SKIPPED_NAME), layout.skipped)
@@ -235,8 +239,8 @@ def build(settings: BuildSettings, out: str, *, workers: int = 1, overwrite: boo
     """Every step in one call, one worker pool for all of them."""
     work = plan_dataset(settings, out, overwrite=overwrite)
     with worker_pool(workers) as pool:
-        records = _encode(work.chunks(), pool, progress)
-        return _finish(work, os.fspath(out), records, pool, progress)
+        encoded = _encode(work.chunks(), pool, progress)
+        return _finish(work, os.fspath(out), encoded, pool, progress)
 
 
 def build_dataset(images: str, labels_csv: str, out: str, *, val_fraction: float = 0.1, seed: int = 0,

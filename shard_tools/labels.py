@@ -15,6 +15,7 @@ import os
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 from shard_tools.errors import UsageError
@@ -24,14 +25,6 @@ EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".JPG", ".JPEG", ".PNG", ".WEBP"
 
 class LabelsError(UsageError, ValueError):
     """The CSV or images folder cannot be used at all; the message is one line saying what to do."""
-
-
-@dataclass(frozen=True)
-class Row:
-    row: int  # 0-based data row of the CSV (header excluded); also the sample key in the shards
-    id: str
-    label: str
-    path: str
 
 
 @dataclass(frozen=True)
@@ -118,6 +111,23 @@ class ImageFinder:
         tried = image_id if os.path.splitext(image_id)[1] else f"{image_id}.jpg/.jpeg/.png/.webp"
         return None, f"image file not found: {tried} in {self.images_dir}"
 
+    def find_all(self, ids: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+        """find() for a column of ids: (path or None, reason or None) arrays. Plain names (no sub-path) are looked up
+        in the folder's listing column-wise, one candidate extension at a time; the rest go through find()."""
+        paths = np.full(len(ids), None, dtype=object)
+        plain = (~ids.str.contains(r"[/\\]") & (ids != "") & ~ids.isin([".", ".."])).to_numpy()
+        has_ext = ids.str.lstrip(".").str.contains(".", regex=False).to_numpy()  # as os.path.splitext sees it
+        listing = pd.Index(list(self._files(self.root)))  # its hash table is built once, for every candidate
+        for suffix in ("",) + EXTENSIONS:
+            todo = plain & (paths == None) & (has_ext if suffix == "" else True)  # noqa: E711 (elementwise)
+            candidates = ids[todo] + suffix
+            hit = listing.get_indexer(candidates) >= 0
+            paths[np.flatnonzero(todo)[hit]] = (self.root + os.sep + candidates[hit]).to_numpy()
+        reasons = np.full(len(ids), None, dtype=object)
+        for i in np.flatnonzero(paths == None):  # noqa: E711 -- sub-paths, bad ids, files the listing misses
+            paths[i], reasons[i] = self.find(ids.iat[i])
+        return paths, reasons
+
 
 def class_order(labels) -> list[str]:
     """Distinct labels in class-index order (see the module docstring)."""
@@ -129,26 +139,30 @@ def class_order(labels) -> list[str]:
 
 
 def load_rows(images_dir: str, csv_path: str, id_column: str | None = None, label_column: str | None = None):
-    """-> (rows, skipped, total_rows): every CSV row is in exactly one of `rows` and `skipped`."""
+    """-> (rows, skipped, total_rows): `rows` is a DataFrame (row, id, label, path) of the rows to encode, `skipped`
+    the others with a reason; every CSV row is in exactly one of them. Column-wise, so millions of rows take seconds."""
     if not os.path.isdir(images_dir):
         raise LabelsError(f"images folder not found: {images_dir}")
     finder = ImageFinder(images_dir)
     df = read_labels(csv_path, id_column, label_column, images=finder)
-    rows, skipped, seen = [], [], {}
-    for i, (image_id, label) in enumerate(zip(df["id"], df["label"])):
-        if image_id in seen:
-            skipped.append(Skipped(i, image_id, f"duplicate id (first seen in row {seen[image_id]})"))
-            continue
-        seen[image_id] = i
-        if not label:
-            skipped.append(Skipped(i, image_id, "empty label"))
-            continue
-        path, reason = finder.find(image_id)
-        if path is None:
-            skipped.append(Skipped(i, image_id, reason))
-            continue
-        rows.append(Row(i, image_id, label, path))
-    if not rows:
+    ids, labels = df["id"].reset_index(drop=True), df["label"].reset_index(drop=True)
+    reasons = np.full(len(df), None, dtype=object)
+    repeated = ids.duplicated(keep="first").to_numpy()
+    if repeated.any():
+        first_row = pd.Series(np.flatnonzero(~repeated), index=ids[~repeated].to_numpy())
+        reasons[repeated] = [f"duplicate id (first seen in row {r})" for r in ids[repeated].map(first_row)]
+    reasons[~repeated & (labels == "").to_numpy()] = "empty label"
+    todo = np.flatnonzero(reasons == None)  # noqa: E711 (elementwise)
+    paths, missing = finder.find_all(ids.iloc[todo].reset_index(drop=True))
+    reasons[todo] = missing
+    keep = np.flatnonzero(reasons == None)  # noqa: E711
+    found = np.full(len(df), None, dtype=object)
+    found[todo] = paths
+    rows = pd.DataFrame({"row": keep, "id": ids.iloc[keep].to_numpy(), "label": labels.iloc[keep].to_numpy(),
+                         "path": found[keep]})
+    bad = np.flatnonzero(reasons != None)  # noqa: E711
+    skipped = [Skipped(int(i), image_id, reason) for i, image_id, reason in zip(bad, ids.iloc[bad], reasons[bad])]
+    if rows.empty:
         first = skipped[0]
         raise LabelsError(
             f"none of the {len(df)} rows of {csv_path} has a usable image in {images_dir} "

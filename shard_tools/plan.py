@@ -14,11 +14,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
-from shard_tools.encode import Chunk, chunk_rows
+from shard_tools.encode import PIXEL_COLUMNS, Chunk, Encoded, chunk_rows
 from shard_tools.errors import UsageError
-from shard_tools.images import DEFAULT_MAX_PIXELS
-from shard_tools.labels import Row, Skipped, class_order
 from shard_tools.fileio import write_json_atomic
+from shard_tools.images import DEFAULT_MAX_PIXELS
+from shard_tools.labels import Skipped, class_order
 from shard_tools.manifest import SPLITS
 from shard_tools.split import DEFAULT_MAX_DISTANCE, assign_splits, count_duplicate_groups, group_near_duplicates
 from shard_tools.stats import PixelSums
@@ -69,20 +69,20 @@ class WorkList:
 
     settings: BuildSettings
     folder: str  # OUT/_plan
-    rows: list[Row]
+    rows: pd.DataFrame  # row, id, label, path; in CSV order
     skipped: list[Skipped]
     total_rows: int
 
     def chunks(self) -> list[Chunk]:
         s = self.settings
         folder = os.path.join(self.folder, "chunks")
-        return [Chunk(i, [(r.row, r.id, r.label, r.path) for r in part], folder, s.size, s.quality, s.max_pixels)
+        return [Chunk(i, list(zip(*(part[c].tolist() for c in ("row", "id", "label", "path")))), folder, s.size,
+                      s.quality, s.max_pixels)
                 for i, part in enumerate(chunk_rows(self.rows, self.total_rows))]
 
     def save(self) -> None:
         os.makedirs(os.path.join(self.folder, "chunks"), exist_ok=True)
-        pd.DataFrame([(r.row, r.id, r.label, r.path) for r in self.rows], columns=["row", "id", "label", "path"]
-                     ).to_csv(os.path.join(self.folder, "rows.csv"), index=False)
+        self.rows.to_csv(os.path.join(self.folder, "rows.csv"), index=False)
         meta = {"settings": asdict(self.settings), "total_rows": self.total_rows,
                 "skipped": [{"row": s.row, "id": s.id, "reason": s.reason} for s in self.skipped]}
         write_json_atomic(os.path.join(self.folder, "plan.json"), meta)  # last: marks a complete work list
@@ -93,10 +93,10 @@ class WorkList:
         try:
             with open(os.path.join(folder, "plan.json"), encoding="utf-8") as f:
                 meta = json.load(f)
-            df = pd.read_csv(os.path.join(folder, "rows.csv"), dtype=str, keep_default_na=False)
+            rows = pd.read_csv(os.path.join(folder, "rows.csv"), dtype={"id": str, "label": str, "path": str},
+                               keep_default_na=False)
         except (OSError, ValueError) as e:
             raise BuildError(f"no usable plan in {folder} ({e}); run `python -m shard_tools plan ...` first") from None
-        rows = [Row(int(r), i, lab, p) for r, i, lab, p in zip(df["row"], df["id"], df["label"], df["path"])]
         return cls(BuildSettings(**meta["settings"]), folder, rows, [Skipped(**s) for s in meta["skipped"]],
                    meta["total_rows"])
 
@@ -119,20 +119,36 @@ class Layout:
     duplicate_groups: int
     duplicate_images: int
 
-    def shard_tasks(self, spool_folder: str) -> list[ShardTask]:
-        """Every shard, train shards first, in name order (the global shard index)."""
-        tasks = []
-        for name, part in self.samples.groupby("shard", sort=False):
+    def shard_tasks(self, spool_folder: str):
+        """Every shard's task, biggest first (so no worker is left alone with a big one at the end), made one at a
+        time as the pool asks for them: all of them at once would hold a Python tuple per sample."""
+        positions = self.samples.groupby("shard", sort=False).indices
+        sizes = {name: len(p) for name, p in positions.items()}
+        for name in sorted(sizes, key=lambda name: -sizes[name]):
+            part = self.samples.iloc[positions[name]]
             cols = [part[c].tolist() for c in ("row", "id", "label", "cls", "chunk", "offset", "length")]
-            tasks.append(ShardTask(name, part["split"].iloc[0], list(zip(*cols)), spool_folder))
-        return tasks
+            yield ShardTask(name, part["split"].iloc[0], list(zip(*cols)), spool_folder)
 
     def pixel_sums(self, split: str) -> PixelSums:
         """Exact sums over every stored pixel of a split (integer addition: order does not matter)."""
-        total = PixelSums()
-        for d in self.samples.loc[self.samples["split"] == split, "pixels"].tolist():
-            total = total + PixelSums.from_dict(d)
-        return total
+        columns = self.samples.loc[self.samples["split"] == split, list(PIXEL_COLUMNS)].to_numpy()
+        count, *rest = (exact_sum(columns[:, j]) for j in range(len(PIXEL_COLUMNS)))
+        return PixelSums(count, rest[:3], rest[3:])
+
+
+def exact_sum(values: np.ndarray) -> int:
+    """Sum of non-negative int64 values as an exact Python int: high and low 32 bits are summed apart, so the total
+    may pass 2^63 without overflow (each half sums to below 2^63 for up to 2^31 values)."""
+    values = values.astype(np.uint64)
+    return (int((values >> np.uint64(32)).sum()) << 32) + int((values & np.uint64(0xFFFFFFFF)).sum())
+
+
+def hex_hashes(hashes: np.ndarray) -> np.ndarray:
+    """uint64 hashes -> 16-digit hex strings, column-wise (a format call per row costs seconds at millions)."""
+    raw = np.ascontiguousarray(hashes, dtype=">u8").view(np.uint8).reshape(-1, 8)
+    digits = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+    text = np.stack([digits[raw >> 4], digits[raw & 15]], axis=2).reshape(len(hashes), 16)
+    return np.ascontiguousarray(text).view("S16").ravel().astype(str)
 
 
 def shard_names(split: str, n: int, shard_size: int) -> list[str]:
@@ -142,29 +158,36 @@ def shard_names(split: str, n: int, shard_size: int) -> list[str]:
     return [f"{split}-{i:06d}.tar" for i in index]
 
 
-def make_layout(settings: BuildSettings, records: list[dict], skipped: list[Skipped]) -> Layout:
-    """From every row's encode record: group near-duplicates, split, shuffle within each split, cut into shards."""
-    kept = sorted((r for r in records if "reason" not in r), key=lambda r: r["row"])
-    skipped = sorted(skipped + [Skipped(r["row"], r["id"], r["reason"]) for r in records if "reason" in r],
-                     key=lambda s: s.row)
-    if not kept:
+def make_layout(settings: BuildSettings, rows: pd.DataFrame, encoded: Encoded, skipped: list[Skipped]) -> Layout:
+    """From the plan's rows and every row's encode result: group near-duplicates, split, shuffle within each split,
+    cut into shards."""
+    skipped = sorted(skipped + [Skipped(*s) for s in encoded.skipped], key=lambda s: s.row)
+    if len(encoded.row) == 0:
         first = skipped[0]
         raise BuildError(f"no image in {settings.images} could be read (row {first.row}, id '{first.id}': {first.reason})")
-    df = pd.DataFrame(kept)
-    classes = class_order(df["label"])  # from the rows that survived, so every class has samples
-    df["cls"] = df["label"].map({name: i for i, name in enumerate(classes)})
-    hashes = np.array([int(h, 16) for h in df["hash"].tolist()], dtype=np.uint64)
-    groups = group_near_duplicates(hashes, settings.dup_distance)
+    order = np.argsort(encoded.row, kind="stable")
+    plan_pos = np.searchsorted(rows["row"].to_numpy(), encoded.row[order])
+    df = pd.DataFrame({"row": encoded.row[order], "id": rows["id"].to_numpy()[plan_pos],
+                       "label": rows["label"].to_numpy()[plan_pos], "hash": encoded.hash[order],
+                       "passthrough": encoded.passthrough[order], "chunk": encoded.chunk[order],
+                       "offset": encoded.offset[order], "length": encoded.length[order]})
+    for j, name in enumerate(PIXEL_COLUMNS):
+        df[name] = encoded.pixels[order, j]
+    classes = class_order(df["label"].unique())  # from the rows that survived, so every class has samples
+    df["cls"] = pd.Categorical(df["label"], categories=classes).codes.astype(np.int64)
+    groups = group_near_duplicates(df["hash"].to_numpy(), settings.dup_distance)
     df["group"] = df["row"].to_numpy()[groups]  # name a group by its first CSV row: stable and readable
     is_val = assign_splits(df["cls"].to_numpy(), groups, len(classes), settings.val_fraction, settings.seed)
     df["split"] = np.where(is_val, "val", "train")
-    # Sample order inside a split is a seeded shuffle, so each shard is a random mix of classes.
+    # Sample order inside a split is a seeded shuffle, so each shard is a random mix of classes. One reordering
+    # of the whole table (not a copy per split and another to join them): this is the parent's memory peak.
     rng = np.random.default_rng([settings.seed, 1])
-    parts = []
+    order, shards = [], []
     for split in SPLITS:
-        part = df[df["split"] == split]
-        part = part.iloc[rng.permutation(len(part))].copy()
-        part["shard"] = shard_names(split, len(part), settings.shard_size)
-        parts.append(part)
+        members = np.flatnonzero(is_val == (split == "val"))
+        order.append(members[rng.permutation(len(members))])
+        shards += shard_names(split, len(members), settings.shard_size)
+    samples = df.iloc[np.concatenate(order)].reset_index(drop=True)
+    samples["shard"] = shards
     n_groups, n_images = count_duplicate_groups(groups)
-    return Layout(classes, pd.concat(parts, ignore_index=True), skipped, n_groups, n_images)
+    return Layout(classes, samples, skipped, n_groups, n_images)

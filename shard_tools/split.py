@@ -1,83 +1,141 @@
 """Leakage-safe train/val assignment: near-duplicate images are grouped, and whole groups go to one split.
 
 1. Grouping: two images whose 64-bit perceptual hashes differ in at most `max_distance` bits are linked, and linked
-   images form a group (union-find, so A~B and B~C put A, B, C together). To avoid comparing all n^2 pairs the hash
-   is cut into `max_distance + 1` bands: by the pigeonhole principle two hashes within the distance agree exactly on
-   at least one band, so only images sharing a band value are compared.
+   images form a group (connected components, so A~B and B~C put A, B, C together). Exact copies are merged first
+   (one sort); the distinct values are then linked by multi-index hashing: the hash is cut into k parts, and two
+   hashes within d bits differ in at most d parts, so they agree exactly on some k - d of them (pigeonhole). For
+   every choice of k - d parts, values that agree on those bits land in one bucket, and only the pairs of a bucket
+   are compared. k is sized to the data, so that buckets stay small as n grows (each key has more bits than log2 n);
+   pairs inside a bucket that already belong to one group are never generated, which keeps dense clusters (dark
+   photos, a burst of one scene) from costing their size squared once per key.
 2. Splitting: stratified per class and deterministic for a seed. Groups are visited in a seeded random order; a group
    counts towards the class most of its images carry, and goes to val when that brings the class's val count closer
    to its quota round(val_fraction * class size), never taking a class's last training image.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
 
 DEFAULT_MAX_DISTANCE = 5  # real photos: re-saved copies differ in 0-4 bits, the closest other shots in 5+, most in 10+
+PAIR_BLOCK = 1 << 20  # candidate pairs compared per numpy pass: bounds the memory of a big bucket
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: spreads a key's bits over the top bits of the product
 
 
-def _find(parent: np.ndarray, i: int) -> int:
-    while parent[i] != i:
-        parent[i] = parent[parent[i]]  # path halving
-        i = parent[i]
-    return i
-
-
-def _union(parent: np.ndarray, a: int, b: int) -> None:
-    ra, rb = _find(parent, a), _find(parent, b)
-    if ra != rb:
-        parent[max(ra, rb)] = min(ra, rb)  # the smallest index is the root: group ids do not depend on visit order
-
-
-def group_near_duplicates(hashes: np.ndarray, max_distance: int = DEFAULT_MAX_DISTANCE) -> np.ndarray:
-    """Group id per item (the smallest index in its group) for uint64 `hashes`."""
+def group_near_duplicates(hashes: np.ndarray, max_distance: int = DEFAULT_MAX_DISTANCE,
+                          parts: int | None = None) -> np.ndarray:
+    """Group id per item (the smallest index in its group) for uint64 `hashes`. `parts` forces k (see above; any
+    k in max_distance..64 gives the same groups, k = max_distance compares all pairs); by default the cheapest."""
     hashes = np.asarray(hashes, dtype=np.uint64)
-    # Identical hashes first (cheap and common: exact copies): each item points at the first item with its hash,
-    # which is a valid union-find forest. Then only the distinct values are compared.
     unique, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
-    parent = first[inverse].copy()
+    labels = np.arange(len(unique))
     if max_distance > 0 and len(unique) > 1:
-        for bits in np.array_split(np.arange(64), max_distance + 1):
-            keys = (unique >> np.uint64(bits[0])) & np.uint64((1 << len(bits)) - 1)
-            for a, b in _close_pairs(unique, keys, max_distance):
-                _union(parent, int(first[a]), int(first[b]))
-    # Every item's root at once: pointer jumping on the forest (roots point at themselves), O(n log depth).
-    while True:
-        grand = parent[parent]
-        if np.array_equal(grand, parent):
-            return parent.astype(np.int64)
-        parent = grand
+        labels = _link_close(unique, max_distance, parts)
+    smallest = np.full(len(unique), len(hashes), dtype=np.int64)
+    np.minimum.at(smallest, labels, first)  # a group is named by its first item, whatever the value order
+    return smallest[labels][inverse.ravel()]
 
 
-SMALL_BUCKET = 32  # buckets up to this size are compared all together, one offset at a time
-
-
-def _close_pairs(hashes: np.ndarray, keys: np.ndarray, max_distance: int):
-    """Pairs (i, j) of `hashes` with the same band value in `keys` and at most `max_distance` bits apart.
-
-    Sorted by key, a bucket's members are neighbours: the pairs of all small buckets at once are the items `d`
-    apart with equal keys, for d = 1, 2, ... (a few numpy passes instead of a Python loop over thousands of buckets);
-    each big bucket (one band value shared by many pictures, e.g. dark ones) is compared as one block."""
-    order = np.argsort(keys, kind="stable")
-    sorted_keys = keys[order]
-    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1], True])
-    sizes = np.diff(starts)
-    small = np.repeat(sizes <= SMALL_BUCKET, sizes)
-    members, member_keys = order[small], sorted_keys[small]
-    for d in range(1, min(SMALL_BUCKET, len(members))):
-        same = member_keys[:-d] == member_keys[d:]
-        if not same.any():
+def choose_parts(n: int, max_distance: int) -> int:
+    """The k with the least estimated work: C(k, d) keys, each costing a pass over the n values plus the pairs
+    that share a key (about n^2 / 2^bits of random hashes). k = d is the all-pairs comparison."""
+    best_cost, best_k = math.inf, max_distance
+    for k in range(max_distance, 65):
+        keys = math.comb(k, max_distance)
+        if keys * n >= best_cost:  # more parts only add keys
             break
-        a, b = members[:-d][same], members[d:][same]
-        close = np.bitwise_count(hashes[a] ^ hashes[b]) <= max_distance
-        yield from zip(a[close].tolist(), b[close].tolist())
-    for lo, hi in zip(starts[:-1][sizes > SMALL_BUCKET], starts[1:][sizes > SMALL_BUCKET]):
-        block = order[lo:hi]
-        h = hashes[block]
-        close = np.bitwise_count(h[:, None] ^ h[None, :]) <= max_distance
-        for a, b in zip(*np.nonzero(np.triu(close, k=1))):
-            yield int(block[a]), int(block[b])
+        cost = keys * (n + n * n / 2 ** (64 * (k - max_distance) / k))
+        if cost < best_cost:
+            best_cost, best_k = cost, k
+    return best_k
+
+
+def _key_masks(parts: int, max_distance: int):
+    """One 64-bit mask per choice of `parts - max_distance` of the `parts` contiguous bit ranges."""
+    ranges = [sum(1 << int(b) for b in bits) for bits in np.array_split(np.arange(64), parts)]
+    for chosen in itertools.combinations(ranges, parts - max_distance):
+        yield np.uint64(sum(chosen))
+
+
+def _link_close(values: np.ndarray, max_distance: int, parts: int | None) -> np.ndarray:
+    """Component root (its smallest index) of each distinct value in the graph of pairs <= max_distance apart."""
+    n = len(values)
+    parts = choose_parts(n, max_distance) if parts is None else parts
+    if not max_distance <= parts <= 64:
+        raise ValueError(f"parts must be in {max_distance}..64, got {parts}")
+    labels = np.arange(n)
+    forward = np.arange(n)  # scratch for relabelling, kept equal to arange between merges
+    slot_bits = min(32, max(1, math.ceil(math.log2(n)) + 2))  # ~4 slots a value; 32: slot and group share a uint64
+    for mask in _key_masks(parts, max_distance):
+        slots = (((values & mask) * _MIX) >> np.uint64(64 - slot_bits)).astype(np.intp)
+        for a, b in _candidate_pairs(slots, labels):
+            close = np.bitwise_count(values[a] ^ values[b]) <= max_distance
+            if close.any():
+                labels = _merge(labels, labels[a[close]], labels[b[close]], forward)
+    return labels
+
+
+def _candidate_pairs(slots: np.ndarray, labels: np.ndarray):
+    """Pairs (a, b) of values in one slot whose groups differ, in blocks of about PAIR_BLOCK pairs.
+
+    Sorted by (slot, group), a value's partners are the positions from the end of its group to the end of its slot's
+    run, so a slot whose values already form one group yields nothing."""
+    shared = np.flatnonzero(np.bincount(slots)[slots] > 1)
+    if len(shared) < 2:
+        return
+    idx = shared[np.argsort((slots[shared].astype(np.uint64) << np.uint64(32)) | labels[shared].astype(np.uint64))]
+    s, g = slots[idx], labels[idx]
+    new_slot = np.r_[True, s[1:] != s[:-1]]
+    slot_end = _run_ends(new_slot)
+    group_end = _run_ends(new_slot | np.r_[True, g[1:] != g[:-1]])
+    partners = slot_end - group_end
+    total = np.cumsum(partners)
+    start = 0
+    while start < len(idx):
+        done = total[start - 1] if start else 0
+        stop = max(start + 1, int(np.searchsorted(total, done + PAIR_BLOCK, side="right")))
+        count = partners[start:stop]
+        a = np.repeat(np.arange(start, stop), count)
+        b = group_end[a] + np.arange(len(a)) - np.repeat(np.cumsum(count) - count, count)
+        yield idx[a], idx[b]
+        start = stop
+
+
+def _run_ends(starts: np.ndarray) -> np.ndarray:
+    """For each position, the end (exclusive) of the run it is in; `starts` flags each run's first position."""
+    first = np.flatnonzero(starts)
+    sizes = np.diff(np.r_[first, len(starts)])
+    return np.repeat(first + sizes, sizes)
+
+
+def _merge(labels: np.ndarray, u: np.ndarray, v: np.ndarray, forward: np.ndarray) -> np.ndarray:
+    """Labels after joining the groups u[i] and v[i] (group roots): each joined group takes its smallest root."""
+    roots, inverse = np.unique(np.concatenate([u, v]), return_inverse=True)
+    new_roots = roots[_components(inverse[: len(u)], inverse[len(u):], len(roots))]
+    forward[roots] = new_roots
+    labels = forward[labels]
+    forward[roots] = roots
+    return labels
+
+
+def _components(u: np.ndarray, v: np.ndarray, n: int) -> np.ndarray:
+    """Smallest node of each node's component for the edges (u, v) on nodes 0..n-1: hook every root to the smallest
+    root it has an edge to, then jump pointers until every node points at its root; repeat while edges cross."""
+    comp = np.arange(n)
+    while True:
+        cu, cv = comp[u], comp[v]
+        crossing = cu != cv
+        if not crossing.any():
+            return comp
+        u, v, cu, cv = u[crossing], v[crossing], cu[crossing], cv[crossing]
+        np.minimum.at(comp, np.maximum(cu, cv), np.minimum(cu, cv))
+        while True:
+            jumped = comp[comp]
+            if np.array_equal(jumped, comp):
+                break
+            comp = jumped
 
 
 def _round_half_up(x: float) -> int:

@@ -30,3 +30,15 @@ def test_bench_gpu_script_runs_every_part_on_the_cpu(tmp_path):
     assert [r["run"] for r in report["end_to_end"]] == ["workers:1", "synthetic"]
     assert report["end_to_end"][1]["vs_synthetic"] == 1.0
     assert "x model-only" in result.stdout and "x trainer --synthetic" in result.stdout
+
+
+def test_bench_scale_script_runs_every_part_on_a_small_size(tmp_path):
+    command = [sys.executable, "bench_scale.py", "--grouping", "2000", "4000", "--rounds", "1", "--build", "200",
+               "400", "--array", "2", "--tmp", str(tmp_path)]
+    result = subprocess.run(command, cwd=REPO / "benchmarks", env=python_env(), capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert out.count("us/hash") == 4 and out.count("serial (all but encode and write)") == 2
+    assert "n=400 array path: plan" in out and "merge peak RSS" in out and "parent peak RSS grows" in out
+    assert not list(tmp_path.iterdir())  # generated images and outputs are removed

@@ -5,12 +5,15 @@ import io
 import itertools
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
 from shard_fixtures import decode, solid, textured, write_csv
 from shard_tools.images import SkipImage, prepare
 from shard_tools.labels import ImageFinder, LabelsError, class_order, load_rows
+from shard_tools.plan import exact_sum, hex_hashes
+from shard_tools import split
 from shard_tools.split import assign_splits, count_duplicate_groups, group_near_duplicates
 from shard_tools.stats import PixelSums
 
@@ -25,8 +28,9 @@ def test_ids_stay_strings_and_resolve_with_or_without_extension(tmp_path):
     csv = write_csv(tmp_path / "l.csv", [("00042", "x"), ("photo.png", "y"), ("sub/deep", "x"), ("upper", "y")])
     rows, skipped, total = load_rows(str(images), str(csv))
     assert skipped == [] and total == 4
-    assert [r.id for r in rows] == ["00042", "photo.png", "sub/deep", "upper"]
-    assert [r.path.split("images/")[1] for r in rows] == ["00042.jpg", "photo.png", "sub/deep.jpeg", "upper.JPG"]
+    assert [r.id for r in rows.itertuples()] == ["00042", "photo.png", "sub/deep", "upper"]
+    stored = [r.path.split("images/")[1] for r in rows.itertuples()]
+    assert stored == ["00042.jpg", "photo.png", "sub/deep.jpeg", "upper.JPG"]
 
 
 def test_a_csv_without_header_keeps_its_first_row(tmp_path, capsys):
@@ -36,11 +40,12 @@ def test_a_csv_without_header_keeps_its_first_row(tmp_path, capsys):
         solid(images / f"{name}.jpg", (1, 2, 3))
     (tmp_path / "l.csv").write_text("00001,0\n00002,1\n00003,0\n")
     rows, skipped, total = load_rows(str(images), str(tmp_path / "l.csv"))
-    assert [(r.row, r.id, r.label) for r in rows] == [(0, "00001", "0"), (1, "00002", "1"), (2, "00003", "0")]
+    assert [(r.row, r.id, r.label) for r in rows.itertuples()] == [(0, "00001", "0"), (1, "00002", "1"),
+                                                                   (2, "00003", "0")]
     assert total == 3 and skipped == []
     assert "has no header line (its first cell, '00001', is an image" in capsys.readouterr().err
     (tmp_path / "h.csv").write_text("id,label\n00001,0\n")  # a real header stays a header, silently
-    assert [r.id for r in load_rows(str(images), str(tmp_path / "h.csv"))[0]] == ["00001"]
+    assert [r.id for r in load_rows(str(images), str(tmp_path / "h.csv"))[0].itertuples()] == ["00001"]
     assert capsys.readouterr().err == ""
 
 
@@ -52,7 +57,7 @@ def test_every_bad_row_is_skipped_with_a_reason(tmp_path):
                                          ("missing", "x"), ("b", ""), ("sub/../../outside", "x")])
     solid(images / "b.jpg", (1, 2, 3))
     rows, skipped, total = load_rows(str(images), str(csv))
-    assert [r.row for r in rows] == [0] and total == 7
+    assert rows["row"].tolist() == [0] and total == 7
     reasons = {s.row: s.reason for s in skipped}
     assert "duplicate id" in reasons[1] and "outside" in reasons[2] and "absolute" in reasons[3]
     assert "not found" in reasons[4] and "empty label" in reasons[5] and "outside" in reasons[6]
@@ -67,6 +72,25 @@ def test_image_finder_falls_back_to_the_disk_for_what_its_folder_listing_misses(
     assert finder.find("late")[0] == str(images / "late.png")
     path, reason = finder.find("sub/none")
     assert path is None and "not found" in reason and "sub/none.jpg" in reason
+
+
+def test_image_finder_column_wise_finds_what_find_finds(tmp_path):
+    images = tmp_path / "images"
+    for name in ("a.jpg", "a.png", "b.webp", "c.d.jpg", "e.jpg", ".hidden.jpg", "f.JPEG", "sub/g.jpg"):
+        solid(images / name, (1, 2, 3))
+    ids = ["a", "a.png", "b", "c.d", "c.d.jpg", "e.jpg", ".hidden", "f", "sub/g", "sub/../a", "../a", "/a", "", ".",
+           "missing", "e.png", "a.jpg.jpg"]
+    finder = ImageFinder(str(images))
+    paths, reasons = finder.find_all(pd.Series(ids, dtype=str))
+    assert list(zip(paths, reasons)) == [finder.find(i) for i in ids]
+    assert paths[0].endswith("/a.jpg") and paths[2].endswith("/b.webp") and paths[7].endswith("/f.JPEG")
+
+
+def test_plan_helpers_are_exact():
+    big = np.full(4, 2**62 + 12345, dtype=np.int64)
+    assert exact_sum(big) == 4 * (2**62 + 12345)  # past 2^63: int64 addition would wrap
+    hashes = np.array([0, 1, 0xFEDCBA9876543210, 2**64 - 1], dtype=np.uint64)
+    assert hex_hashes(hashes).tolist() == [f"{int(h):016x}" for h in hashes]
 
 
 @pytest.mark.parametrize("labels, expected", [
@@ -94,7 +118,7 @@ def test_named_columns(tmp_path):
     solid(tmp_path / "images" / "7.jpg", (1, 2, 3))
     csv = write_csv(tmp_path / "l.csv", [("x", "7", "cat")], header=("junk", "file", "species"))
     rows, _, _ = load_rows(str(tmp_path / "images"), str(csv), id_column="file", label_column="species")
-    assert (rows[0].id, rows[0].label) == ("7", "cat")
+    assert (rows["id"][0], rows["label"][0]) == ("7", "cat")
     with pytest.raises(LabelsError, match="no column 'kind'"):
         load_rows(str(tmp_path / "images"), str(csv), id_column="file", label_column="kind")
 
@@ -227,28 +251,71 @@ def test_grouping_is_transitive_and_uses_the_distance():
     assert list(group_near_duplicates(hashes, max_distance=0)) == [0, 1, 2, 3, 0]
 
 
-@pytest.mark.parametrize("shared_band", [False, True], ids=["small-buckets", "one-big-bucket"])
-def test_banded_grouping_equals_brute_force(shared_band):
-    rng = np.random.default_rng(1)
-    base = rng.integers(0, 2**63, 60, dtype=np.uint64)
-    if shared_band:
-        # 60 pictures with the same lowest band (as dark ones have), more than SMALL_BUCKET; each copy differs from
-        # its original by one bit in each other band, so only that big bucket can pair them
-        base &= ~np.uint64(0x7FF)
-        bands = np.array_split(np.arange(64), 6)[1:]
-        noisy = [np.uint64(int(h) ^ sum(1 << int(rng.choice(band)) for band in bands)) for h in base]
-    else:
-        noisy = [np.uint64(int(h) ^ sum(1 << int(b) for b in rng.choice(64, rng.integers(0, 9), replace=False)))
-                 for h in base]
-    hashes = np.concatenate([base, np.array(noisy, dtype=np.uint64)])
-    groups = group_near_duplicates(hashes, max_distance=5)
-    # brute force: connected components of the "distance <= 5" graph
+def _all_pairs_groups(hashes: np.ndarray, max_distance: int) -> list[int]:
+    """Reference: compare every pair, then name each connected component by its smallest index."""
     n = len(hashes)
-    close = np.bitwise_count(hashes[:, None] ^ hashes[None, :]) <= 5
-    label = list(range(n))
-    for _ in range(n):
-        label = [min(label[j] for j in np.flatnonzero(close[i])) for i in range(n)]
-    assert list(groups) == label
+    label = np.arange(n)
+    close = np.bitwise_count(hashes[:, None] ^ hashes[None, :]) <= max_distance
+    while True:  # min-label propagation until nothing changes
+        lower = np.where(close, label[None, :], n).min(axis=1)
+        if np.array_equal(lower, label):
+            return label.tolist()
+        label = lower
+
+
+def _flipped(rng, hashes: np.ndarray, max_bits: int) -> np.ndarray:
+    """Each hash with 0..max_bits random bits flipped."""
+    out = hashes.copy()
+    for i, count in enumerate(rng.integers(0, max_bits + 1, len(out))):
+        for bit in rng.choice(64, count, replace=False):
+            out[i] ^= np.uint64(1 << int(bit))
+    return out
+
+
+def _hash_set(kind: str, rng) -> np.ndarray:
+    if kind == "random":  # about 1 in 10 near a few of the others, the rest unrelated
+        base = rng.integers(0, 2**64, 500, dtype=np.uint64)
+        return np.concatenate([base, _flipped(rng, base[:60], 7)])
+    if kind == "clustered":  # bursts of one scene, a dense block of dark frames, exact copies
+        bursts = _flipped(rng, np.repeat(rng.integers(0, 2**64, 40, dtype=np.uint64), 8), 6)
+        dark = _flipped(rng, np.full(300, 0xFF, dtype=np.uint64), 3)
+        return np.concatenate([bursts, dark, bursts[:20], np.zeros(30, dtype=np.uint64)])
+    # one big bucket of the old 6 x 11-bit banding: 120 hashes share their lowest 11 bits, and each copy differs from
+    # its original by one bit in each other band, so only that bucket can pair them
+    base = rng.integers(0, 2**63, 120, dtype=np.uint64) & ~np.uint64(0x7FF)
+    bands = np.array_split(np.arange(64), 6)[1:]
+    noisy = [np.uint64(int(h) ^ sum(1 << int(rng.choice(band)) for band in bands)) for h in base]
+    return np.concatenate([base, np.array(noisy, dtype=np.uint64)])
+
+
+@pytest.mark.parametrize("kind", ["random", "clustered", "shared-band"])
+def test_grouping_equals_all_pairs_comparison(kind):
+    rng = np.random.default_rng(["random", "clustered", "shared-band"].index(kind))
+    hashes = _hash_set(kind, rng)
+    hashes = hashes[rng.permutation(len(hashes))]
+    for max_distance in (1, 3, 5, 8):
+        expected = _all_pairs_groups(hashes, max_distance)
+        if max_distance == 5:
+            assert len(set(expected)) < len(hashes) - 10  # the set does have groups at the default distance
+        # every way of cutting the hash (k = d compares all pairs; the default is sized to the data) finds them
+        for parts in (None, max_distance, max_distance + 1, max_distance + 2, max_distance + 4):
+            groups = group_near_duplicates(hashes, max_distance, parts=parts)
+            assert groups.tolist() == expected, (max_distance, parts)
+
+
+def test_grouping_of_a_dense_cluster_compares_blocks_of_pairs(monkeypatch):
+    # 2,000 distinct hashes within 3 bits of one value share every key: their pairs come in several blocks
+    monkeypatch.setattr(split, "PAIR_BLOCK", 5000)
+    rng = np.random.default_rng(5)
+    hashes = np.unique(_flipped(rng, np.full(2400, 0xF0F0, dtype=np.uint64), 3))
+    hashes = np.concatenate([hashes, rng.integers(0, 2**64, 200, dtype=np.uint64)])
+    expected = _all_pairs_groups(hashes, 5)
+    for parts in (None, 5):  # 5: one key holding every pair
+        assert group_near_duplicates(hashes, 5, parts=parts).tolist() == expected
+    # 300 unrelated pairs of copies in that one key: each block holds some of them
+    base = rng.integers(0, 2**64, 300, dtype=np.uint64)
+    pairs = np.concatenate([base, base ^ np.uint64(1 << 9)])
+    assert group_near_duplicates(pairs, 5, parts=5).tolist() == list(range(300)) * 2
 
 
 def test_split_is_stratified_deterministic_and_keeps_groups_whole():
