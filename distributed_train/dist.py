@@ -46,8 +46,21 @@ def setup(timeout_minutes: float = 30) -> DistContext:
     if world_size > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
         kw = {"device_id": device} if backend == "nccl" else {}
-        dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes), **kw)
+        timeout = timedelta(minutes=timeout_minutes)
+        dist.init_process_group(backend, store=attempt_store(rank, world_size, timeout), rank=rank,
+                                world_size=world_size, timeout=timeout, **kw)
     return DistContext(rank, world_size, local_rank, device)
+
+
+def attempt_store(rank: int, world_size: int, timeout: timedelta):
+    """torchrun's store (MASTER_ADDR:MASTER_PORT), with keys of this attempt only. After `--max-restarts` restarts a
+    job, the agent's store may still hold the previous attempt's addresses, and a rank that reads a dead peer's
+    address before the peer has published its new one fails to connect (gloo: 'connectFullMesh ... Connection
+    refused')."""
+    from torch.distributed.rendezvous import _create_c10d_store
+
+    store = _create_c10d_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), rank, world_size, timeout)
+    return dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 _cpu_group = None

@@ -88,7 +88,8 @@ class Manifest:
         if d.get("version") not in READABLE_VERSIONS:
             raise ManifestError(
                 f"{where}: manifest version {d.get('version')} is not supported by this version of the package "
-                f"(it reads {' and '.join(map(str, READABLE_VERSIONS))}); rebuild the shards with `python -m shard_tools build` or upgrade the package"
+                f"(it reads {' and '.join(map(str, READABLE_VERSIONS))}); rebuild the shards with `python -m shard_tools "
+                "build` or upgrade the package"
             )
         try:
             m = cls(

