@@ -16,7 +16,8 @@ import io
 import tempfile
 from pathlib import Path
 
-from distributed_train.data import PieceReader, cut_ranges, epoch_shards, even_split, train_batches_per_rank
+from distributed_train.data import PieceReader, cut_ranges, epoch_shards, even_split
+from distributed_train.schedule import train_batches_per_rank
 from shard_tools import transport
 from shard_tools.build import build_dataset
 from shard_tools.indexed_reader import read_index

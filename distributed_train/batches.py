@@ -14,12 +14,14 @@ from typing import Iterator
 
 import torch
 
+from distributed_train.augment import BatchMix, class_weights, mean_colour
 from distributed_train.config import Config
 from distributed_train.data import EpochCursor, PieceReader, eval_loader, normalize, run_train_loader, \
     stats_tensors, train_batches_per_rank
 from distributed_train.device_decode import DeviceAugment, DevicePrefetcher
 from distributed_train.dist import DistContext
 from distributed_train.replan import EpochLayout, remainder_slots
+from distributed_train.schedule import parse_progressive
 from shard_tools.manifest import Manifest
 
 
@@ -36,6 +38,10 @@ class RunData:
         self.micro_per_epoch = train_batches_per_rank(manifest.split("train").num_samples, ctx.world_size,
                                                       cfg.batch_size, cfg.accum_steps)
         self.has_validation = "val" in manifest.splits and manifest.split("val").num_samples > 0
+        self.mix = BatchMix(manifest.num_classes, cfg.mixup, cfg.cutmix, cfg.seed, ctx.rank) \
+            if cfg.mixup > 0 or cfg.cutmix > 0 else None
+        weights = class_weights(manifest.split("train").class_counts, cfg.class_balance)
+        self.class_weights = weights.to(ctx.device) if weights is not None else None
         self.planned = {}  # {epoch: (slots, samples per worker)} for an epoch begun under another layout
         if epoch_started is not None:
             now = EpochLayout(ctx.world_size, cfg.batch_size, cfg.accum_steps, cfg.workers, cfg.shuffle_buffer)
@@ -88,7 +94,10 @@ class RunData:
                 world_size=ctx.world_size, batch_size=cfg.batch_size, accum_steps=cfg.accum_steps,
                 image_size=cfg.image_size, seed=cfg.seed, min_crop_scale=cfg.min_crop_scale,
                 shuffle_buffer=cfg.shuffle_buffer, read_piece=self.read_piece,
-                decode_on_device=self.device_augment is not None, planned=self.planned)
+                decode_on_device=self.device_augment is not None, planned=self.planned,
+                extras={"auto_augment": cfg.auto_augment, "random_erase": cfg.random_erase,
+                        "fill": mean_colour(self.manifest.stats.mean)},
+                progressive=(*parse_progressive(cfg.progressive), self.epochs) if cfg.progressive else None)
         self.cursor.set(epoch, skip)  # before iter(): the workers read it when their iterators are re-created
         return iter(self.loader)
 
@@ -102,12 +111,24 @@ class RunData:
     def validation(self):
         cfg, ctx = self.cfg, self.ctx
         return eval_loader(self.manifest, "val", rank=ctx.rank, world_size=ctx.world_size, batch_size=cfg.batch_size,
-                           image_size=cfg.image_size, workers=cfg.workers, pin_memory=ctx.device.type == "cuda",
-                           read_piece=self.read_piece)
+                           image_size=cfg.eval_image_size, workers=cfg.workers, pin_memory=ctx.device.type == "cuda",
+                           read_piece=self.read_piece, crop_pct=cfg.eval_crop_pct)
+
+    @property
+    def epochs(self) -> int:
+        """Epochs the run starts, the last one possibly cut short by --max-steps."""
+        return -(-self.cfg.max_steps // (self.micro_per_epoch // self.cfg.accum_steps))
 
     def to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = normalize(images.to(self.ctx.device, non_blocking=True), self.mean, self.std)
         return x.contiguous(memory_format=self.memory_format), labels.to(self.ctx.device, non_blocking=True)
+
+    def train_inputs(self, images: torch.Tensor, labels: torch.Tensor, epoch: int, batch: int):
+        """A training micro-batch on the device, mixed (--mixup/--cutmix: the targets become class probabilities)."""
+        x, y = self.to_device(images, labels)
+        if self.mix is not None:
+            x, y = self.mix(x, y, epoch, batch)
+        return x, y
 
 
 # ---- benchmark and audit substitutes -------------------------------------------------------------------------------

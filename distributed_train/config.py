@@ -13,6 +13,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+from distributed_train.schedule import SIZE_STEP, parse_progressive, train_batches_per_rank
 from shard_tools.errors import UsageError
 
 # model.ARCHS's names, repeated here so that `--help` never waits for torch to import (a test keeps them equal)
@@ -26,6 +27,13 @@ def _opt(default, help: str, *, choices: tuple | None = None, valid: tuple | Non
 
 AT_LEAST_0 = ("0 or more", lambda v: v >= 0)
 AT_LEAST_1 = ("at least 1", lambda v: v >= 1)
+
+
+def _progressive_ok(text: str) -> bool:
+    try:
+        return text == "" or bool(parse_progressive(text))
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -56,6 +64,24 @@ class Config:
                             valid=("in [0, 1) (0: off)", lambda v: 0 <= v < 1))
     min_crop_scale: float = _opt(0.25, "RandomResizedCrop smallest area fraction (0.08 in ImageNet recipes)",
                                  valid=("in (0, 1]", lambda v: 0 < v <= 1))
+    # recipe extras (augment.py), all off by default
+    auto_augment: str = _opt("none", "automatic augmentation policy after the crop (torchvision.transforms.v2)",
+                             choices=("none", "trivialaugment", "randaugment", "autoaugment"))
+    random_erase: float = _opt(0.0, "probability of erasing a random rectangle of each training image (0.1 in "
+                                    "torchvision's recipe)", valid=("in [0, 1]", lambda v: 0 <= v <= 1))
+    mixup: float = _opt(0.0, "MixUp alpha, per batch on the device (0: off; 0.2 in torchvision's recipe)",
+                        valid=AT_LEAST_0)
+    cutmix: float = _opt(0.0, "CutMix alpha, per batch on the device (0: off; 1.0 in torchvision's recipe); with "
+                              "--mixup too, each batch uses one of the two", valid=AT_LEAST_0)
+    progressive: str = _opt("", "progressive resizing: training crops grow from MIN to MAX px over the run, in steps "
+                                "of 16 (e.g. 160:192; replaces --image-size for training)",
+                            valid=(f"MIN:MAX, multiples of {SIZE_STEP}, MIN <= MAX", _progressive_ok))
+    eval_image_size: int = _opt(0, "validation crop size (0: the training size, the last one with --progressive); "
+                                   "larger than the training crops gives the FixRes effect", valid=AT_LEAST_0)
+    eval_crop_pct: float = _opt(0.875, "validation resizes the shorter side to eval size / this, then centre-crops",
+                                valid=("in (0, 1]", lambda v: 0 < v <= 1))
+    class_balance: str = _opt("none", "weight the loss of each class by count^-1/2 (sqrt) or count^-1 (inverse), "
+                                      "for long-tailed datasets", choices=("none", "sqrt", "inverse"))
     # speed
     precision: str = _opt("auto", "auto: bf16 on bf16 GPUs, fp16 on older ones; on CPUs bf16 with AVX512-BF16/AMX "
                                   "units, else fp32", choices=("auto", "bf16", "fp16", "fp32"))
@@ -99,6 +125,8 @@ class Config:
                 problems.append(f"{flag(f.name)} must be {meta['valid'][0]}")
         if self.epochs < 1 and self.max_steps < 1:
             problems.append("give --epochs or --max-steps (at least 1)")
+        if self.decode == "device" and (self.auto_augment != "none" or self.random_erase > 0):
+            problems.append("--auto-augment and --random-erase run in the DataLoader workers: use --decode workers")
         if self.wandb_log_model != "none" and self.wandb == "disabled":
             problems.append(f"--wandb-log-model {self.wandb_log_model} needs --wandb offline or online")
         if self.init_from and not os.path.isfile(self.init_from):
@@ -124,16 +152,16 @@ def flag(name: str) -> str:
 # ---- auto values -----------------------------------------------------------------------------------------------------
 def resolve(cfg: Config, *, device, world_size: int, local_ranks: int, train_samples: int) -> Config:
     """The same settings with every auto value made concrete for this job (device, world size, dataset)."""
-    from distributed_train.data import train_batches_per_rank
-
     workers = cfg.workers if cfg.workers >= 0 else auto_workers(device, available_cores(), local_ranks)
     global_batch = cfg.batch_size * world_size * cfg.accum_steps
     lr = cfg.lr or (0.1 if cfg.optimizer == "sgd" else 1e-3) * global_batch / 256  # the linear scaling rule
     steps_per_epoch = train_batches_per_rank(train_samples, world_size, cfg.batch_size, cfg.accum_steps) \
         // cfg.accum_steps
     max_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    image_size = parse_progressive(cfg.progressive)[1] if cfg.progressive else cfg.image_size
     return dataclasses.replace(
-        cfg, workers=workers, lr=lr, max_steps=max_steps,
+        cfg, workers=workers, lr=lr, max_steps=max_steps, image_size=image_size,
+        eval_image_size=cfg.eval_image_size or image_size,
         warmup_steps=cfg.warmup_steps or max(1, round(0.03 * max_steps)),
         precision=resolve_precision(cfg.precision, device),
         # channels_last suits tensor cores and oneDNN's CPU convolutions alike

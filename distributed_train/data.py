@@ -32,7 +32,9 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
+from distributed_train.augment import hash_seed, train_transform
 from distributed_train.device_decode import UnreadableJPEG, pack_jpegs
+from distributed_train.schedule import crop_size_at, train_batches_per_rank
 from shard_tools.errors import ShardReadError, damaged_sample
 from shard_tools.manifest import Manifest, ShardInfo
 from shard_tools.indexed_reader import RangeReader
@@ -81,12 +83,6 @@ def cut_ranges(shards: list[tuple[str, ShardInfo]], lengths: list[int]) -> list[
 
 def even_split(total: int, parts: int) -> list[int]:
     return [total // parts + (i < total % parts) for i in range(parts)]
-
-
-def train_batches_per_rank(num_samples: int, world_size: int, batch_size: int, accum_steps: int = 1) -> int:
-    """Micro-batches every rank runs per epoch: whole optimizer steps, at least one."""
-    micro = num_samples // world_size // batch_size
-    return max(accum_steps, micro - micro % accum_steps)
 
 
 def batches_before(consumed: int, worker: int, num_workers: int) -> int:
@@ -142,18 +138,17 @@ def read_pieces(pieces: list[Piece], count: int, read_piece: Callable[[Piece], I
 
 
 class Preprocess:
-    """JPEG bytes -> augmented uint8 CHW tensor. Training: RandomResizedCrop + flip; eval: resize + centre crop."""
+    """JPEG bytes -> uint8 CHW tensor. Training: RandomResizedCrop + flip (+ the recipe's extras, augment.py);
+    evaluation: resize to image_size / crop_pct, then centre crop."""
 
-    def __init__(self, train: bool, image_size: int, min_crop_scale: float = 0.25):
-        self.crop_scale = (min_crop_scale, 1.0)
+    def __init__(self, train: bool, image_size: int, min_crop_scale: float = 0.25, *,
+                 crop_pct: float = EVAL_RESIZE_RATIO, **extras):
+        self.image_size, self.crop_scale = image_size, (min_crop_scale, 1.0)
         if train:
-            self.transform = v2.Compose([
-                v2.RandomResizedCrop(image_size, scale=self.crop_scale, antialias=True),
-                v2.RandomHorizontalFlip(),
-            ])
+            self.transform = train_transform(image_size, min_crop_scale, **extras)
         else:
             self.transform = v2.Compose([
-                v2.Resize(round(image_size / EVAL_RESIZE_RATIO), antialias=True),
+                v2.Resize(round(image_size / crop_pct), antialias=True),
                 v2.CenterCrop(image_size),
             ])
 
@@ -197,7 +192,7 @@ class SlotStream(IterableDataset):
             if self.encoded:  # --decode device: crops drawn here, decoded on the GPU
                 try:
                     images = pack_jpegs([s["jpg"] for s in raw], self.preprocess.crop_scale,
-                                        tuple(s.get("__url__") for s in raw))
+                                        tuple(s.get("__url__") for s in raw), self.preprocess.image_size)
                 except UnreadableJPEG as e:
                     bad = raw[e.index]
                     raise damaged_sample(bad["__key__"], bad.get("__url__"), e.error) from None
@@ -225,10 +220,6 @@ def slot_order(samples: list, seed: tuple, worker: int, buffer: int) -> list:
     return list(shuffled(iter(samples), seed, worker, buffer))
 
 
-def hash_seed(parts: tuple) -> int:
-    return random.Random("-".join(map(str, parts))).getrandbits(63)
-
-
 # ---- loaders -------------------------------------------------------------------------------------------------------
 class EpochCursor:
     """Which epoch the workers stream next, and how many of its batches they skip: set by the training process
@@ -250,13 +241,23 @@ class TrainStream(IterableDataset):
     def __init__(self, manifest: Manifest, cursor: EpochCursor, *, rank: int, world_size: int, batch_size: int,
                  accum_steps: int, image_size: int, workers: int, seed: int, min_crop_scale: float = 0.25,
                  shuffle_buffer: int = 1000, read_piece=PieceReader(), decode_on_device: bool = False,
-                 planned: dict | None = None):
+                 planned: dict | None = None, extras: dict | None = None, progressive: tuple | None = None):
         self.manifest, self.cursor, self.rank, self.world_size = manifest, cursor, rank, world_size
         self.batch_size, self.seed, self.shuffle_buffer, self.read_piece = batch_size, seed, shuffle_buffer, read_piece
         self.slots_per_rank = max(1, workers)
         self.steps = train_batches_per_rank(manifest.split("train").num_samples, world_size, batch_size, accum_steps)
-        self.preprocess = Preprocess(True, image_size, min_crop_scale)
+        self.image_size, self.min_crop_scale = image_size, min_crop_scale
+        self.extras = extras or {}  # augment.train_transform's: auto_augment, random_erase, fill
+        self.progressive = progressive  # (smallest, largest crop size, epochs of the run), or None: image_size
+        self._preprocess: dict[int, Preprocess] = {}
         self.decode_on_device, self.planned = decode_on_device, planned or {}
+
+    def preprocess(self, epoch: int) -> Preprocess:
+        """The augmentation of `epoch`: its crop size is --progressive's for that epoch, else image_size."""
+        size = crop_size_at(epoch, *self.progressive) if self.progressive else self.image_size
+        if size not in self._preprocess:
+            self._preprocess[size] = Preprocess(True, size, self.min_crop_scale, **self.extras)
+        return self._preprocess[size]
 
     def slots(self, epoch: int) -> tuple[list[list[Piece]], list[int], tuple]:
         """This rank's slots of `epoch`, the samples per worker, and the seed of their shuffles."""
@@ -275,7 +276,7 @@ class TrainStream(IterableDataset):
 
     def epoch_stream(self, epoch: int, skip: int) -> SlotStream:
         mine, per_worker, seed = self.slots(epoch)
-        return SlotStream(mine, per_worker, self.preprocess, self.batch_size, train=True, seed=seed,
+        return SlotStream(mine, per_worker, self.preprocess(epoch), self.batch_size, train=True, seed=seed,
                           shuffle_buffer=self.shuffle_buffer, skip_batches=skip, read_piece=self.read_piece,
                           encoded=self.decode_on_device)
 
@@ -299,26 +300,28 @@ def run_train_loader(manifest: Manifest, cursor: EpochCursor, *, workers: int, p
 def train_loader(manifest: Manifest, *, rank: int, world_size: int, batch_size: int, accum_steps: int,
                  image_size: int, workers: int, seed: int, epoch: int, skip_batches: int = 0,
                  min_crop_scale: float = 0.25, shuffle_buffer: int = 1000, pin_memory: bool = False,
-                 read_piece=PieceReader(), decode_on_device: bool = False) -> tuple[DataLoader, int]:
+                 read_piece=PieceReader(), decode_on_device: bool = False, **augment) -> tuple[DataLoader, int]:
     """A loader of one rank for one epoch, and the number of micro-batches it yields (equal on every rank).
-    With `decode_on_device` its batches hold EncodedBatch instead of images (see device_decode.py)."""
+    With `decode_on_device` its batches hold EncodedBatch instead of images (see device_decode.py). `augment`:
+    TrainStream's `extras` and `progressive`."""
     stream = TrainStream(manifest, EpochCursor(epoch, skip_batches), rank=rank, world_size=world_size,
                          batch_size=batch_size, accum_steps=accum_steps, image_size=image_size, workers=workers,
                          seed=seed, min_crop_scale=min_crop_scale, shuffle_buffer=shuffle_buffer,
-                         read_piece=read_piece, decode_on_device=decode_on_device)
+                         read_piece=read_piece, decode_on_device=decode_on_device, **augment)
     return _loader(stream, workers, pin_memory), stream.steps - skip_batches
 
 
 def eval_loader(manifest: Manifest, split: str, *, rank: int, world_size: int, batch_size: int,
-                image_size: int, workers: int, pin_memory: bool = False, read_piece=PieceReader()) -> DataLoader:
+                image_size: int, workers: int, pin_memory: bool = False, read_piece=PieceReader(),
+                crop_pct: float = EVAL_RESIZE_RATIO) -> DataLoader:
     """Every sample of `split` exactly once across all ranks and workers; ranks may get different batch counts."""
     slots_per_rank = max(1, workers)
     num_samples = manifest.split(split).num_samples
     counts = even_split(num_samples, world_size * slots_per_rank)
     slots = cut_ranges(epoch_shards(manifest, split, 0, 0, shuffle=False), counts)
     lo, hi = rank * slots_per_rank, (rank + 1) * slots_per_rank
-    stream = SlotStream(slots[lo:hi], counts[lo:hi], Preprocess(False, image_size), batch_size, train=False,
-                        seed=(0,), read_piece=read_piece)
+    stream = SlotStream(slots[lo:hi], counts[lo:hi], Preprocess(False, image_size, crop_pct=crop_pct),
+                        batch_size, train=False, seed=(0,), read_piece=read_piece)
     return _loader(stream, workers, pin_memory)
 
 

@@ -40,6 +40,7 @@ class EncodedBatch(NamedTuple):
     boxes: torch.Tensor  # (N, 4): top, left, height, width of each RandomResizedCrop
     flips: torch.Tensor  # (N,) bool
     urls: tuple = ()  # each JPEG's shard, to name it if it turns out not to decode
+    size: int = 0  # the crops' size when the worker chose it (--progressive), else 0: DeviceAugment's own
 
 
 class UnreadableJPEG(Exception):
@@ -50,7 +51,7 @@ class UnreadableJPEG(Exception):
         self.index, self.error = index, error
 
 
-def pack_jpegs(jpegs: list[bytes], crop_scale: tuple[float, float], urls: tuple = ()) -> EncodedBatch:
+def pack_jpegs(jpegs: list[bytes], crop_scale: tuple[float, float], urls: tuple = (), size: int = 0) -> EncodedBatch:
     """Draws each image's crop and flip from torch's random state, as the transforms of the workers' path do (the
     caller seeds it per batch)."""
     boxes = []
@@ -62,7 +63,8 @@ def pack_jpegs(jpegs: list[bytes], crop_scale: tuple[float, float], urls: tuple 
         boxes.append(transforms.RandomResizedCrop.get_params(header, crop_scale, ASPECT_RATIOS))
     flips = torch.rand(len(jpegs)) < 0.5
     data = torch.frombuffer(bytearray(b"".join(jpegs)), dtype=torch.uint8)
-    return EncodedBatch(data, torch.tensor([len(j) for j in jpegs]), torch.tensor(boxes), flips, tuple(urls))
+    return EncodedBatch(data, torch.tensor([len(j) for j in jpegs]), torch.tensor(boxes), flips, tuple(urls),
+                        size)
 
 
 class DeviceAugment:
@@ -91,12 +93,12 @@ class DeviceAugment:
     def decode_and_augment(self, batch: EncodedBatch) -> torch.Tensor:
         jpegs = list(torch.split(batch.data, batch.lengths.tolist()))  # views into the one block, no copies
         images = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self.device)
-        out = []
+        out, size = [], batch.size or self.size
         for image, (top, left, height, width), flip in zip(images, batch.boxes.tolist(), batch.flips.tolist()):
             crop = image[:, top:top + height, left:left + width]
             if flip:
                 crop = crop.flip(-1)
-            out.append(F.interpolate(crop[None].float(), size=(self.size, self.size), mode="bilinear",
+            out.append(F.interpolate(crop[None].float(), size=(size, size), mode="bilinear",
                                      antialias=True, align_corners=False))
         return torch.cat(out)
 

@@ -53,7 +53,8 @@ def servable(state: dict) -> tuple[Normalized, dict[str, str]]:
     metadata = {
         "classes": json.dumps(meta["classes"]),
         "image_size": str(size),
-        "resize": str(round(size / EVAL_RESIZE_RATIO)),  # shorter side before the centre crop, as evaluate does
+        # the shorter side before the centre crop, as evaluate does (older checkpoints: the fixed 0.875)
+        "resize": str(round(size / meta.get("crop_pct", EVAL_RESIZE_RATIO))),
         "arch": f"{meta['arch']} x{meta['width']}",
         "ema": "true" if state.get("ema") else "false",
     }

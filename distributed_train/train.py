@@ -65,8 +65,10 @@ def run(cfg: Config, ctx: dist.DistContext) -> int:
     for warning in warnings:
         log.warn(warning)
     data = RunData(cfg, ctx, manifest, state.memory_format, state.epoch, state.epoch_started)
-    meta = {"arch": cfg.arch, "width": cfg.width, "image_size": cfg.image_size, "classes": manifest.classes,
-            "mean": manifest.stats.mean, "std": manifest.stats.std}
+    # what inference needs: evaluate, predict and export preprocess as the run's validation did
+    meta = {"arch": cfg.arch, "width": cfg.width, "image_size": cfg.eval_image_size, "crop_pct": cfg.eval_crop_pct,
+            "train_image_size": cfg.image_size, "classes": manifest.classes, "mean": manifest.stats.mean,
+            "std": manifest.stats.std}
 
     def save(best: bool = False) -> None:
         error = None
@@ -267,11 +269,12 @@ def train_one_epoch(state: TrainState, batches, data: RunData, cfg: Config, ctx:
     fetch_start = time.perf_counter()
     for images, labels, _ in batches:
         window.data_wait += time.perf_counter() - fetch_start
-        x, y = data.to_device(images, labels)
+        x, y = data.train_inputs(images, labels, state.epoch, state.batches_done)
         state.batches_done += 1
         sync = state.batches_done % cfg.accum_steps == 0  # the micro-batch that completes a step
         window.add(forward_backward(state.train_model, x, y, autocast=state.autocast, scaler=state.scaler,
-                                    accum_steps=cfg.accum_steps, sync=sync, label_smoothing=cfg.label_smoothing))
+                                    accum_steps=cfg.accum_steps, sync=sync, label_smoothing=cfg.label_smoothing,
+                                    class_weights=data.class_weights))
         if sync:
             state.optimizer_step(cfg.clip_grad_norm)
             window.steps += 1
@@ -292,14 +295,15 @@ def train_one_epoch(state: TrainState, batches, data: RunData, cfg: Config, ctx:
 
 
 def forward_backward(model, x, y, *, autocast, scaler, accum_steps: int, sync: bool,
-                     label_smoothing: float = 0.0) -> torch.Tensor:
+                     label_smoothing: float = 0.0, class_weights: torch.Tensor | None = None) -> torch.Tensor:
     """One micro-batch: loss / accum_steps backpropagated, so that summed over the micro-batches of a step (and
     averaged over ranks by DDP) the gradient is that of the mean loss over the global batch. A DDP model all-reduces
-    only on the micro-batch that completes a step (`sync`). Returns the detached, unscaled loss."""
+    only on the micro-batch that completes a step (`sync`). `y`: class indices, or class probabilities (mixed
+    batches); label smoothing applies to both. Returns the detached, unscaled loss."""
     no_sync = getattr(model, "no_sync", None)  # DDP's, also reached through a compiled wrapper
     with no_sync() if no_sync is not None and not sync else contextlib.nullcontext():
         with autocast():
-            loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+            loss = F.cross_entropy(model(x), y, weight=class_weights, label_smoothing=label_smoothing)
         scaler.scale(loss / accum_steps).backward()
     return loss.detach()
 
@@ -374,7 +378,8 @@ def validate(state: TrainState, data: RunData, log: Logger, classes: list[str]) 
     state.best_top1 = max(state.best_top1, result["top1"])
     log.log({"kind": "val", "epoch": state.epoch, **result}, state.step,
             console=f"val   step {state.step:>6}  epoch {state.epoch}  top-1 {result['top1']:.4f}  "
-                    f"top-5 {result['top5']:.4f}  loss {result['loss']:.4f}  ({result['count']} samples)")
+                    f"top-5 {result['top5']:.4f}  balanced {result['balanced_accuracy']:.4f}  "
+                    f"macro-F1 {result['macro_f1']:.4f}  loss {result['loss']:.4f}  ({result['count']} samples)")
     log.log_confusion(result["confusion"], classes, state.step, os.path.join(log.run_dir, "confusion_matrix.png"))
     log.log_per_class(result["per_class_accuracy"], classes, state.step)
     return is_best

@@ -7,7 +7,8 @@
    every choice of k - d parts, values that agree on those bits land in one bucket, and only the pairs of a bucket
    are compared. k is sized to the data, so that buckets stay small as n grows (each key has more bits than log2 n);
    pairs inside a bucket that already belong to one group are never generated, which keeps dense clusters (dark
-   photos, a burst of one scene) from costing their size squared once per key.
+   photos, a burst of one scene) from costing their size squared once per key. Buckets come from one SIMD sort per
+   key, and groups are joined in a union-find forest whose merges cost the pairs joined, not the n values.
 2. Splitting: stratified per class and deterministic for a seed. Groups are visited in a seeded random order; a group
    counts towards the class most of its images carry, and goes to val when that brings the class's val count closer
    to its quota round(val_fraction * class size), never taking a class's last training image.
@@ -65,28 +66,41 @@ def _link_close(values: np.ndarray, max_distance: int, parts: int | None) -> np.
     parts = choose_parts(n, max_distance) if parts is None else parts
     if not max_distance <= parts <= 64:
         raise ValueError(f"parts must be in {max_distance}..64, got {parts}")
-    labels = np.arange(n)
-    forward = np.arange(n)  # scratch for relabelling, kept equal to arange between merges
-    slot_bits = min(32, max(1, math.ceil(math.log2(n)) + 2))  # ~4 slots a value; 32: slot and group share a uint64
+    parent = np.arange(n)  # union-find forest: a group's root is its smallest index and points at itself
+    labels = parent.copy()  # each value's root, refreshed once per key (a merge touches only the roots it joins)
+    slot_bits = min(32, max(1, math.ceil(math.log2(n)) + 2))  # ~4 slots a value; 32: slot and index share a uint64
     for mask in _key_masks(parts, max_distance):
-        slots = (((values & mask) * _MIX) >> np.uint64(64 - slot_bits)).astype(np.intp)
-        for a, b in _candidate_pairs(slots, labels):
+        slots = ((values & mask) * _MIX) >> np.uint64(64 - slot_bits)
+        for a, b in _candidate_pairs(*_shared_slots(slots), labels):
             close = np.bitwise_count(values[a] ^ values[b]) <= max_distance
             if close.any():
-                labels = _merge(labels, labels[a[close]], labels[b[close]], forward)
+                _union(parent, labels[a[close]], labels[b[close]])
+        labels = _flatten(parent)
     return labels
 
 
-def _candidate_pairs(slots: np.ndarray, labels: np.ndarray):
-    """Pairs (a, b) of values in one slot whose groups differ, in blocks of about PAIR_BLOCK pairs.
+def _shared_slots(slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(index, slot) of every value whose slot (uint64, < 2^32) holds another value too. One sort of (slot, index)
+    packed into a uint64, which numpy sorts with SIMD at a cost per value that barely grows with n; a count table of
+    2^slot_bits entries would miss the cache on every access once n is in the millions (4x the cost per value
+    at 10M as at 1M, measured)."""
+    packed = np.sort((slots << np.uint64(32)) | np.arange(len(slots), dtype=np.uint64))
+    sorted_slots = packed >> np.uint64(32)
+    same_as_next = sorted_slots[1:] == sorted_slots[:-1]
+    shared = np.r_[same_as_next, False] | np.r_[False, same_as_next]
+    return (packed[shared] & np.uint64(0xFFFFFFFF)).astype(np.intp), sorted_slots[shared]
+
+
+def _candidate_pairs(shared: np.ndarray, slots: np.ndarray, labels: np.ndarray):
+    """Pairs (a, b) of the values `shared` (with their `slots`) in one slot whose groups differ, in blocks of about
+    PAIR_BLOCK pairs.
 
     Sorted by (slot, group), a value's partners are the positions from the end of its group to the end of its slot's
     run, so a slot whose values already form one group yields nothing."""
-    shared = np.flatnonzero(np.bincount(slots)[slots] > 1)
     if len(shared) < 2:
         return
-    idx = shared[np.argsort((slots[shared].astype(np.uint64) << np.uint64(32)) | labels[shared].astype(np.uint64))]
-    s, g = slots[idx], labels[idx]
+    order = np.argsort((slots << np.uint64(32)) | labels[shared].astype(np.uint64))
+    idx, s, g = shared[order], slots[order], labels[shared[order]]
     new_slot = np.r_[True, s[1:] != s[:-1]]
     slot_end = _run_ends(new_slot)
     group_end = _run_ends(new_slot | np.r_[True, g[1:] != g[:-1]])
@@ -110,14 +124,29 @@ def _run_ends(starts: np.ndarray) -> np.ndarray:
     return np.repeat(first + sizes, sizes)
 
 
-def _merge(labels: np.ndarray, u: np.ndarray, v: np.ndarray, forward: np.ndarray) -> np.ndarray:
-    """Labels after joining the groups u[i] and v[i] (group roots): each joined group takes its smallest root."""
-    roots, inverse = np.unique(np.concatenate([u, v]), return_inverse=True)
-    new_roots = roots[_components(inverse[: len(u)], inverse[len(u):], len(roots))]
-    forward[roots] = new_roots
-    labels = forward[labels]
-    forward[roots] = roots
-    return labels
+def _union(parent: np.ndarray, u: np.ndarray, v: np.ndarray) -> None:
+    """Join the groups of u[i] and v[i] in the forest `parent`; each joined group's root is its smallest root. Costs
+    the size of u and v, not of the forest (relabelling every value after each merge cost O(n) per block of pairs)."""
+    ru, rv = _find(parent, u), _find(parent, v)
+    roots, inverse = np.unique(np.concatenate([ru, rv]), return_inverse=True)
+    parent[roots] = roots[_components(inverse[: len(ru)], inverse[len(ru):], len(roots))]
+
+
+def _find(parent: np.ndarray, x: np.ndarray) -> np.ndarray:
+    while True:
+        up = parent[x]
+        if np.array_equal(up, x):
+            return x
+        x = up
+
+
+def _flatten(parent: np.ndarray) -> np.ndarray:
+    """Point every node straight at its root (in place); -> the roots."""
+    while True:
+        up = parent[parent]
+        if np.array_equal(up, parent):
+            return parent.copy()
+        parent[:] = up
 
 
 def _components(u: np.ndarray, v: np.ndarray, n: int) -> np.ndarray:

@@ -45,9 +45,9 @@ class _FaultyHandler(SimpleHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))  # with a fault: promise everything, deliver half
         self.end_headers()
         sent = data if fault is None else data[: len(data) // 2]
-        self.wfile.write(sent)
-        if span is not None:
+        if span is not None:  # counted before writing: the client may finish, and the test look, before write returns
             self.server.record_bytes(name, len(sent))
+        self.wfile.write(sent)
         if fault is None:
             return
         self.wfile.flush()

@@ -90,3 +90,20 @@ def test_a_missing_recipe_through_the_command_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"distributed_train: error: --config {tmp_path / 'nope.yaml'}: No such file or directory"]
+
+
+def test_the_imagenet_recipe_is_torchvisions_new_recipe_in_our_flags():
+    import torch
+
+    from distributed_train.config import resolve
+
+    cfg = parse_args(["--config", str(REPO / "recipes" / "imagenet_resnet50.yaml"), *PLACES])
+    cfg = resolve(cfg, device=torch.device("cpu"), world_size=8, local_ranks=8, train_samples=1_281_167)
+    assert cfg.batch_size * 8 == 1024 and cfg.lr == 0.5 and cfg.max_steps == 600 * (1_281_167 // 1024)
+    assert cfg.warmup_steps == 5 * (1_281_167 // 1024)  # --lr-warmup-epochs 5
+    assert (cfg.image_size, cfg.eval_image_size, round(cfg.eval_image_size / cfg.eval_crop_pct)) == (176, 224, 232)
+    assert (cfg.auto_augment, cfg.random_erase, cfg.mixup, cfg.cutmix, cfg.label_smoothing, cfg.weight_decay) == \
+        ("trivialaugment", 0.1, 0.2, 1.0, 0.1, 2e-5)
+    # torchvision's EMA: decay 0.99998 adjusted to 1 - 2e-5 * 1024 * 32 / 600 per 32 steps
+    per_32_steps = 1 - 2e-5 * 1024 * 32 / 600
+    assert abs(cfg.ema_decay ** 32 - per_32_steps) < 1e-5  # 0.5% of 1 - decay

@@ -183,11 +183,19 @@ def wait_for(predicate, timeout, what):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.mark.parametrize("decode", ["workers", "device"])
-def test_kill_and_restart_resumes_mid_epoch_to_the_same_weights(uneven_shards, tmp_path, decode):
+# every recipe extra whose randomness a resumed run must replay: per-image (workers), per-batch mixing (training
+# process), crop sizes that change between epochs, and class weights
+RECIPE_EXTRAS = ["--auto-augment", "trivialaugment", "--random-erase", "0.5", "--mixup", "0.2", "--cutmix", "1.0",
+                 "--class-balance", "sqrt", "--progressive", "32:48", "--eval-image-size", "56"]
+
+
+@pytest.mark.parametrize("decode,extras", [("workers", []), ("device", []), ("workers", RECIPE_EXTRAS)],
+                         ids=["workers", "device", "recipe-extras"])
+def test_kill_and_restart_resumes_mid_epoch_to_the_same_weights(uneven_shards, tmp_path, decode, extras):
     # --decode device reads batches ahead on a thread and drops them at a stop: the resumed run must not notice
     args = ["--max-steps", "12", "--checkpoint-every", "3", "--workers", "2", "--wandb", "disabled",
-            "--batch-size", "16", "--image-size", "48", "--log-every", "1", "--decode", decode, "--ema-decay", "0.9"]
+            "--batch-size", "16", "--image-size", "48", "--log-every", "1", "--decode", decode, "--ema-decay", "0.9",
+            *extras]
     straight = tmp_path / "straight"
     result = run(train_cmd(uneven_shards, straight, *args))
     assert result.returncode == 0, result.stderr[-3000:]
