@@ -67,8 +67,7 @@ def run(cfg: Config, ctx: dist.DistContext) -> int:
     data = RunData(cfg, ctx, manifest, state.memory_format, state.epoch, state.epoch_started)
     # what inference needs: evaluate, predict and export preprocess as the run's validation did
     meta = {"arch": cfg.arch, "width": cfg.width, "image_size": cfg.eval_image_size, "crop_pct": cfg.eval_crop_pct,
-            "train_image_size": cfg.image_size, "classes": manifest.classes, "mean": manifest.stats.mean,
-            "std": manifest.stats.std}
+            "classes": manifest.classes, "mean": manifest.stats.mean, "std": manifest.stats.std}
 
     def save(best: bool = False) -> None:
         error = None

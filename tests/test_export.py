@@ -75,20 +75,21 @@ def state(run) -> dict:
     return torch.load(run / "checkpoints" / "best.pt", weights_only=True)
 
 
-@pytest.fixture(scope="module")
-def onnx_file(run, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    assert export.main(["--checkpoint", str(run / "checkpoints" / "best.pt"), "--format", "onnx", "--out",
+def exported(run: Path, folder: Path, fmt: str, name: str) -> Path:
+    out = folder / name
+    assert export.main(["--checkpoint", str(run / "checkpoints" / "best.pt"), "--format", fmt, "--out",
                         str(out)]) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def onnx_file(run, tmp_path_factory) -> Path:
+    return exported(run, tmp_path_factory.mktemp("onnx"), "onnx", "model.onnx")
 
 
 @pytest.fixture(scope="module")
 def torchscript_file(run, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("torchscript") / "model.pt"
-    assert export.main(["--checkpoint", str(run / "checkpoints" / "best.pt"), "--format", "torchscript", "--out",
-                        str(out)]) == 0
-    return out
+    return exported(run, tmp_path_factory.mktemp("torchscript"), "torchscript", "model.pt")
 
 
 @pytest.fixture(scope="module")
