@@ -1,5 +1,5 @@
 """cProfile of near-duplicate grouping at 1M and 10M synthetic hashes (bench_scale.py's photo-like set): the share of
-values whose first key's bucket holds another value, and the 8 functions with the most time of their own.
+values that share their first key with another value, and the 8 functions with the most time of their own.
 
     .venv/bin/python benchmarks/profile_grouping.py [N ...]     # default 1000000 10000000: ~2 min
 """
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import cProfile
 import io
-import math
 import pstats
 import sys
 from pathlib import Path
@@ -22,10 +21,11 @@ from shard_tools import split  # noqa: E402
 
 
 def shared_share(unique: np.ndarray, parts: int) -> float:
-    mask = next(split._key_masks(parts, split.DEFAULT_MAX_DISTANCE))
-    bits = min(32, math.ceil(math.log2(len(unique))) + 2)
-    shared, _ = split._shared_slots(((unique & mask) * split._MIX) >> np.uint64(64 - bits))
-    return len(shared) / len(unique)
+    """Share of the distinct values whose first key (k - d parts) is also another value's: each such value is a
+    candidate compared for nothing, unless it is a near-duplicate."""
+    keys = split._keys_by_first_part(parts, split.DEFAULT_MAX_DISTANCE)
+    _, counts = np.unique(unique & next(iter(keys.values()))[0], return_counts=True)
+    return float(counts[counts > 1].sum() / len(unique))
 
 
 def main() -> int:
@@ -33,7 +33,7 @@ def main() -> int:
         hashes = synthetic_hashes(n)
         unique = np.unique(hashes)
         parts = split.choose_parts(len(unique), split.DEFAULT_MAX_DISTANCE)
-        print(f"n={n:,}: k={parts}, {len(unique):,} distinct, shared in the first key's buckets: "
+        print(f"n={n:,}: k={parts}, {len(unique):,} distinct, sharing their first key with another value: "
               f"{shared_share(unique, parts):.1%}")
         profile = cProfile.Profile()
         profile.enable()

@@ -115,7 +115,7 @@ def run(args) -> int:
         return _report(m, args.out, args.strict)
     if args.command == "plan":
         work = build.plan_dataset(_settings(args), args.out, overwrite=args.overwrite)
-        print(f"planned {len(work.rows)} images in {len(work.chunks())} chunks ({len(work.skipped)} rows skipped so "
+        print(f"planned {len(work.rows)} images in {work.num_chunks} chunks ({len(work.skipped)} rows skipped so "
               f"far); now run `build --plan {work.folder} --slice K/N` for K = 0..N-1, then `merge {args.out}`")
         return 0
     if args.command == "merge":

@@ -46,10 +46,9 @@ def spool_path(folder: str, index: int) -> str:
     return os.path.join(folder, f"chunk-{index:06d}.bin")
 
 
-def chunk_rows(rows: list, num_rows: int) -> list[list]:
-    """Consecutive runs of rows: ~64 chunks or more so workers stay balanced, 4 to MAX_CHUNK rows each."""
-    size = min(MAX_CHUNK, max(4, math.ceil(num_rows / 64)))
-    return [rows[i : i + size] for i in range(0, len(rows), size)]
+def chunk_size(num_rows: int) -> int:
+    """Rows per chunk (consecutive runs of rows): ~64 chunks or more so workers stay balanced, 4 to MAX_CHUNK rows."""
+    return min(MAX_CHUNK, max(4, math.ceil(num_rows / 64)))
 
 
 def encode_chunk(chunk: Chunk) -> list[dict]:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
-from shard_tools.encode import PIXEL_COLUMNS, Chunk, Encoded, chunk_rows
+from shard_tools.encode import PIXEL_COLUMNS, Chunk, Encoded, chunk_size
 from shard_tools.errors import UsageError
 from shard_tools.fileio import write_json_atomic
 from shard_tools.images import DEFAULT_MAX_PIXELS
@@ -73,12 +73,19 @@ class WorkList:
     skipped: list[Skipped]
     total_rows: int
 
-    def chunks(self) -> list[Chunk]:
-        s = self.settings
+    @property
+    def num_chunks(self) -> int:
+        return math.ceil(len(self.rows) / chunk_size(self.total_rows))
+
+    def chunks(self, with_rows: bool = True):
+        """Every chunk, made one at a time as it is asked for: all at once would hold a tuple per row. Without rows
+        (`with_rows=False`), for what needs only a chunk's files."""
+        s, size = self.settings, chunk_size(self.total_rows)
         folder = os.path.join(self.folder, "chunks")
-        return [Chunk(i, list(zip(*(part[c].tolist() for c in ("row", "id", "label", "path")))), folder, s.size,
-                      s.quality, s.max_pixels)
-                for i, part in enumerate(chunk_rows(self.rows, self.total_rows))]
+        for i in range(self.num_chunks):
+            part = self.rows.iloc[i * size : (i + 1) * size] if with_rows else self.rows.iloc[:0]
+            yield Chunk(i, list(zip(*(part[c].tolist() for c in ("row", "id", "label", "path")))), folder, s.size,
+                        s.quality, s.max_pixels)
 
     def save(self) -> None:
         os.makedirs(os.path.join(self.folder, "chunks"), exist_ok=True)
@@ -151,11 +158,9 @@ def hex_hashes(hashes: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(text).view("S16").ravel().astype(str)
 
 
-def shard_names(split: str, n: int, shard_size: int) -> list[str]:
-    """Shard name of each of `n` consecutive samples: ceil(n / shard_size) shards of equal size (within one)."""
-    num_shards = math.ceil(n / shard_size)
-    index = np.arange(n) * num_shards // max(n, 1)
-    return [f"{split}-{i:06d}.tar" for i in index]
+def shard_codes(n: int, shard_size: int) -> np.ndarray:
+    """Shard number of each of `n` consecutive samples: ceil(n / shard_size) shards of equal size (within one)."""
+    return np.arange(n) * math.ceil(n / shard_size) // max(n, 1)
 
 
 def make_layout(settings: BuildSettings, rows: pd.DataFrame, encoded: Encoded, skipped: list[Skipped]) -> Layout:
@@ -165,29 +170,37 @@ def make_layout(settings: BuildSettings, rows: pd.DataFrame, encoded: Encoded, s
     if len(encoded.row) == 0:
         first = skipped[0]
         raise BuildError(f"no image in {settings.images} could be read (row {first.row}, id '{first.id}': {first.reason})")
-    order = np.argsort(encoded.row, kind="stable")
-    plan_pos = np.searchsorted(rows["row"].to_numpy(), encoded.row[order])
-    df = pd.DataFrame({"row": encoded.row[order], "id": rows["id"].to_numpy()[plan_pos],
-                       "label": rows["label"].to_numpy()[plan_pos], "hash": encoded.hash[order],
-                       "passthrough": encoded.passthrough[order], "chunk": encoded.chunk[order],
-                       "offset": encoded.offset[order], "length": encoded.length[order]})
-    for j, name in enumerate(PIXEL_COLUMNS):
-        df[name] = encoded.pixels[order, j]
-    classes = class_order(df["label"].unique())  # from the rows that survived, so every class has samples
-    df["cls"] = pd.Categorical(df["label"], categories=classes).codes.astype(np.int64)
-    groups = group_near_duplicates(df["hash"].to_numpy(), settings.dup_distance)
-    df["group"] = df["row"].to_numpy()[groups]  # name a group by its first CSV row: stable and readable
-    is_val = assign_splits(df["cls"].to_numpy(), groups, len(classes), settings.val_fraction, settings.seed)
-    df["split"] = np.where(is_val, "val", "train")
-    # Sample order inside a split is a seeded shuffle, so each shard is a random mix of classes. One reordering
-    # of the whole table (not a copy per split and another to join them): this is the parent's memory peak.
+    by_row = np.argsort(encoded.row, kind="stable")  # encoded positions in CSV order
+    plan_pos = np.searchsorted(rows["row"].to_numpy(), encoded.row[by_row])
+    labels = rows["label"].to_numpy()[plan_pos]
+    classes = class_order(pd.unique(labels))  # from the rows that survived, so every class has samples
+    cls = pd.Categorical(labels, categories=classes).codes.astype(np.int64)
+    del labels
+    groups = group_near_duplicates(encoded.hash[by_row], settings.dup_distance)
+    is_val = assign_splits(cls, groups, len(classes), settings.val_fraction, settings.seed)
+    # Sample order inside a split is a seeded shuffle, so each shard is a random mix of classes. The table is built
+    # once, in that order, with split and shard as categories: a table in CSV order reordered afterwards, and a
+    # string per sample for its split and shard, held several hundred bytes a row at the parent's memory peak.
     rng = np.random.default_rng([settings.seed, 1])
-    order, shards = [], []
+    order, shard, names = [], [], []
     for split in SPLITS:
         members = np.flatnonzero(is_val == (split == "val"))
         order.append(members[rng.permutation(len(members))])
-        shards += shard_names(split, len(members), settings.shard_size)
-    samples = df.iloc[np.concatenate(order)].reset_index(drop=True)
-    samples["shard"] = shards
+        codes = shard_codes(len(members), settings.shard_size)
+        shard.append(codes + len(names))
+        names += [f"{split}-{i:06d}.tar" for i in range(codes[-1] + 1 if len(codes) else 0)]
+    order = np.concatenate(order)  # table position -> position in CSV order
+    at = by_row[order]  # -> position in `encoded`
+    pixels = encoded.pixels[at]
+    samples = pd.DataFrame({  # copy=False: numpy's gathers are already new arrays, and pandas would copy them again
+        "row": encoded.row[at], "id": rows["id"].to_numpy()[plan_pos[order]],
+        "label": pd.Categorical.from_codes(cls[order], classes), "hash": encoded.hash[at],
+        "passthrough": encoded.passthrough[at], "chunk": encoded.chunk[at], "offset": encoded.offset[at],
+        "length": encoded.length[at],
+        **{name: pixels[:, j] for j, name in enumerate(PIXEL_COLUMNS)},
+        "cls": cls[order], "group": encoded.row[by_row][groups[order]],  # a group is named by its first CSV row
+        "split": pd.Categorical.from_codes(is_val[order].astype(np.int8), list(SPLITS)),
+        "shard": pd.Categorical.from_codes(np.concatenate(shard), names),
+    }, copy=False)
     n_groups, n_images = count_duplicate_groups(groups)
     return Layout(classes, samples, skipped, n_groups, n_images)

@@ -4,11 +4,13 @@
    images form a group (connected components, so A~B and B~C put A, B, C together). Exact copies are merged first
    (one sort); the distinct values are then linked by multi-index hashing: the hash is cut into k parts, and two
    hashes within d bits differ in at most d parts, so they agree exactly on some k - d of them (pigeonhole). For
-   every choice of k - d parts, values that agree on those bits land in one bucket, and only the pairs of a bucket
-   are compared. k is sized to the data, so that buckets stay small as n grows (each key has more bits than log2 n);
-   pairs inside a bucket that already belong to one group are never generated, which keeps dense clusters (dark
-   photos, a burst of one scene) from costing their size squared once per key. Buckets come from one SIMD sort per
-   key, and groups are joined in a union-find forest whose merges cost the pairs joined, not the n values.
+   every choice of k - d parts (a key), values that agree on those bits land in one bucket, and only the pairs of a
+   bucket are compared. k is sized to the data, so that buckets stay small as n grows; pairs inside a bucket that
+   already belong to one group are never generated, which keeps dense clusters (dark photos, a burst of one scene)
+   from costing their size squared once per key. Two values share a key only if they agree on its first part, so
+   the keys are searched in partitions of the values cut by that part's top bits, small enough for the caches. In a
+   partition a key costs one SIMD sort, and groups are joined in union-find forests whose merges cost the pairs
+   joined, not the n values.
 2. Splitting: stratified per class and deterministic for a seed. Groups are visited in a seeded random order; a group
    counts towards the class most of its images carry, and goes to val when that brings the class's val count closer
    to its quota round(val_fraction * class size), never taking a class's last training image.
@@ -22,6 +24,7 @@ import numpy as np
 
 DEFAULT_MAX_DISTANCE = 5  # real photos: re-saved copies differ in 0-4 bits, the closest other shots in 5+, most in 10+
 PAIR_BLOCK = 1 << 20  # candidate pairs compared per numpy pass: bounds the memory of a big bucket
+PARTITION = 1 << 17  # values searched together (see _link_close): their arrays fit in a core's caches
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: spreads a key's bits over the top bits of the product
 
 
@@ -53,54 +56,100 @@ def choose_parts(n: int, max_distance: int) -> int:
     return best_k
 
 
-def _key_masks(parts: int, max_distance: int):
-    """One 64-bit mask per choice of `parts - max_distance` of the `parts` contiguous bit ranges."""
+def _keys_by_first_part(parts: int, max_distance: int) -> dict[int, list[np.uint64]]:
+    """The keys (one 64-bit mask per choice of `parts - max_distance` of the `parts` contiguous bit ranges), by the
+    mask of the first range each key contains (0 for k = d, whose one key is empty: every value in one bucket)."""
     ranges = [sum(1 << int(b) for b in bits) for bits in np.array_split(np.arange(64), parts)]
+    keys: dict[int, list[np.uint64]] = {}
     for chosen in itertools.combinations(ranges, parts - max_distance):
-        yield np.uint64(sum(chosen))
+        keys.setdefault(chosen[0] if chosen else 0, []).append(np.uint64(sum(chosen)))
+    return keys
+
+
+def _partitions(values: np.ndarray, part: int) -> tuple[np.ndarray, list[int]]:
+    """(order, bounds): the values cut by the top bits of the bit range `part` into partitions of about PARTITION
+    values; partition i is values[order[bounds[i]:bounds[i + 1]]]. A radix sort of 16-bit numbers: linear in n."""
+    cut = min(part.bit_count(), 16, max(0, round(math.log2(len(values) / PARTITION))))
+    if cut == 0:
+        return np.arange(len(values)), [0, len(values)]
+    where = ((values >> np.uint64(part.bit_length() - cut)) & np.uint64((1 << cut) - 1)).astype(np.uint16)
+    return np.argsort(where, kind="stable"), [0] + np.cumsum(np.bincount(where, minlength=1 << cut)).tolist()
 
 
 def _link_close(values: np.ndarray, max_distance: int, parts: int | None) -> np.ndarray:
-    """Component root (its smallest index) of each distinct value in the graph of pairs <= max_distance apart."""
+    """Component root (its smallest index) of each distinct value in the graph of pairs <= max_distance apart.
+
+    Keys are visited by the first bit range p they contain. Two values share such a key only if they agree on p, so
+    for those keys the values are cut into partitions by p's top bits, and each partition is searched alone: its
+    arrays stay in the caches, where passes over all n values miss them at every step once n is in the millions
+    (3.5x the cost per value at 10M as at 1M, measured). The joins a partition finds go into the forest of all
+    values once per p."""
     n = len(values)
     parts = choose_parts(n, max_distance) if parts is None else parts
     if not max_distance <= parts <= 64:
         raise ValueError(f"parts must be in {max_distance}..64, got {parts}")
     parent = np.arange(n)  # union-find forest: a group's root is its smallest index and points at itself
-    labels = parent.copy()  # each value's root, refreshed once per key (a merge touches only the roots it joins)
-    slot_bits = min(32, max(1, math.ceil(math.log2(n)) + 2))  # ~4 slots a value; 32: slot and index share a uint64
-    for mask in _key_masks(parts, max_distance):
+    for part, masks in _keys_by_first_part(parts, max_distance).items():
+        labels = _flatten(parent)
+        order, bounds = _partitions(values, part)
+        ordered_values, ordered_labels = values[order], labels[order]
+        child, root = [], []
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            if stop - start > 1:
+                moved, to = _link_partition(ordered_values[start:stop], ordered_labels[start:stop], masks,
+                                            max_distance)
+                child.append(order[start + moved])
+                root.append(order[start + to])
+        if child:
+            _union(parent, np.concatenate(child), np.concatenate(root))
+    return _flatten(parent)
+
+
+def _link_partition(values: np.ndarray, labels: np.ndarray, masks: list[np.uint64], max_distance: int):
+    """Search one partition with `masks`, starting from the groups in `labels`; -> (moved, to): the positions whose
+    group changed and a position of the group each joined."""
+    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    start = first[inverse]  # a forest of this partition's values in which each known group is already one tree
+    parent, labels = start.copy(), start
+    bits = max(1, math.ceil(math.log2(len(values))))  # of a position; a position and a group share a uint64 with
+    if 2 * bits > 62:                                 # the slot (see _shared_slots)
+        raise ValueError(f"{len(values)} distinct hashes in one partition: at most 2^31 are supported")
+    slot_bits = 64 - 2 * bits  # as many as fit: values that share a slot but not a key are compared for nothing
+    for mask in masks:
         slots = ((values & mask) * _MIX) >> np.uint64(64 - slot_bits)
-        for a, b in _candidate_pairs(*_shared_slots(slots), labels):
+        joined = False
+        for a, b in _candidate_pairs(*_shared_slots(slots, labels, bits)):
             close = np.bitwise_count(values[a] ^ values[b]) <= max_distance
             if close.any():
                 _union(parent, labels[a[close]], labels[b[close]])
-        labels = _flatten(parent)
-    return labels
+                joined = True
+        if joined:  # most keys find only pairs that earlier keys joined already
+            labels = _flatten(parent)
+    moved = np.flatnonzero(labels != start)
+    return moved, labels[moved]
 
 
-def _shared_slots(slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(index, slot) of every value whose slot (uint64, < 2^32) holds another value too. One sort of (slot, index)
-    packed into a uint64, which numpy sorts with SIMD at a cost per value that barely grows with n; a count table of
-    2^slot_bits entries would miss the cache on every access once n is in the millions (4x the cost per value
-    at 10M as at 1M, measured)."""
-    packed = np.sort((slots << np.uint64(32)) | np.arange(len(slots), dtype=np.uint64))
-    sorted_slots = packed >> np.uint64(32)
+def _shared_slots(slots: np.ndarray, labels: np.ndarray, bits: int) -> tuple[np.ndarray, ...]:
+    """(position, slot, group) of every value whose slot holds another value too, sorted by (slot, group). One sort
+    of (slot, group, position) packed into a uint64 (`bits` each for group and position), which numpy sorts with
+    SIMD at a cost per value that barely grows with n; a count table of the slots, or a second sort of the shared
+    values by group, cost more per value as n grows (measured)."""
+    low = np.uint64((1 << bits) - 1)
+    packed = np.sort((slots << np.uint64(2 * bits)) | (labels.astype(np.uint64) << np.uint64(bits))
+                     | np.arange(len(slots), dtype=np.uint64))
+    sorted_slots = packed >> np.uint64(2 * bits)
     same_as_next = sorted_slots[1:] == sorted_slots[:-1]
     shared = np.r_[same_as_next, False] | np.r_[False, same_as_next]
-    return (packed[shared] & np.uint64(0xFFFFFFFF)).astype(np.intp), sorted_slots[shared]
+    packed = packed[shared]
+    return (packed & low).astype(np.intp), sorted_slots[shared], (packed >> np.uint64(bits)) & low
 
 
-def _candidate_pairs(shared: np.ndarray, slots: np.ndarray, labels: np.ndarray):
-    """Pairs (a, b) of the values `shared` (with their `slots`) in one slot whose groups differ, in blocks of about
-    PAIR_BLOCK pairs.
-
-    Sorted by (slot, group), a value's partners are the positions from the end of its group to the end of its slot's
-    run, so a slot whose values already form one group yields nothing."""
-    if len(shared) < 2:
+def _candidate_pairs(idx: np.ndarray, s: np.ndarray, g: np.ndarray):
+    """Pairs (a, b) of positions `idx` in one slot `s` whose groups `g` differ (all sorted by slot, then group), in
+    blocks of about PAIR_BLOCK pairs. A value's partners are the positions from the end of its group to the end of
+    its slot's run, so a slot whose values already form one group yields nothing."""
+    if len(idx) < 2:
         return
-    order = np.argsort((slots << np.uint64(32)) | labels[shared].astype(np.uint64))
-    idx, s, g = shared[order], slots[order], labels[shared[order]]
     new_slot = np.r_[True, s[1:] != s[:-1]]
     slot_end = _run_ends(new_slot)
     group_end = _run_ends(new_slot | np.r_[True, g[1:] != g[:-1]])
@@ -178,10 +227,7 @@ def assign_splits(classes: np.ndarray, groups: np.ndarray, num_classes: int, val
     if val_fraction <= 0:
         return is_val
     group_ids, inverse = np.unique(groups, return_inverse=True)
-    # A group with mixed labels counts for its majority class (ties: the lower class index); it is never split.
-    votes = np.zeros((len(group_ids), num_classes), dtype=np.int64)
-    np.add.at(votes, (inverse, classes), 1)
-    majority, sizes = votes.argmax(axis=1), votes.sum(axis=1)
+    majority, sizes = _majority_class(inverse, classes, len(group_ids), num_classes)
     class_size = np.bincount(majority, weights=sizes, minlength=num_classes).astype(int)
     quota = [_round_half_up(val_fraction * n) for n in class_size]
     taken = [0] * num_classes
@@ -194,6 +240,17 @@ def assign_splits(classes: np.ndarray, groups: np.ndarray, num_classes: int, val
             to_val[g] = True
             taken[c] += s
     return to_val[inverse]
+
+
+def _majority_class(group: np.ndarray, classes: np.ndarray, num_groups: int, num_classes: int):
+    """(majority class, size) of each group 0..num_groups-1: a group with mixed labels counts for the class most of
+    its images carry (ties: the lower class index). From the distinct (group, class) pairs and their counts, not a
+    groups x classes table (8 bytes x 270,000 groups x 100 classes was the parent's memory peak at 300,000 images)."""
+    pairs, counts = np.unique(group.astype(np.int64) * num_classes + classes, return_counts=True)
+    pair_group, pair_class = np.divmod(pairs, num_classes)
+    best = np.lexsort((pair_class, -counts, pair_group))  # per group: most images first, then the lower class
+    first = best[np.r_[True, pair_group[best][1:] != pair_group[best][:-1]]]
+    return pair_class[first], np.bincount(group, minlength=num_groups)
 
 
 def count_duplicate_groups(groups: np.ndarray) -> tuple[int, int]:

@@ -42,3 +42,13 @@ def test_bench_scale_script_runs_every_part_on_a_small_size(tmp_path):
     assert out.count("us/hash") == 4 and out.count("serial (all but encode and write)") == 2
     assert "n=400 array path: plan" in out and "merge peak RSS" in out and "parent peak RSS grows" in out
     assert not list(tmp_path.iterdir())  # generated images and outputs are removed
+
+
+def test_grouping_profile_and_change_scripts_run_on_a_small_size():
+    # they reach into split.py's private helpers and its history: a refactor must not break them silently
+    for script, args, expect in [("profile_grouping.py", ["3000"], "sharing their first key with another value"),
+                                 ("bench_grouping_change.py", ["--before", "HEAD", "2000", "3000"], "same groups: True")]:
+        result = subprocess.run([sys.executable, script, *args], cwd=REPO / "benchmarks", env=python_env(),
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert expect in result.stdout and "same groups: False" not in result.stdout

@@ -14,7 +14,7 @@ from shard_tools.images import SkipImage, prepare
 from shard_tools.labels import ImageFinder, LabelsError, class_order, load_rows
 from shard_tools.plan import exact_sum, hex_hashes
 from shard_tools import split
-from shard_tools.split import assign_splits, count_duplicate_groups, group_near_duplicates
+from shard_tools.split import _majority_class, assign_splits, count_duplicate_groups, group_near_duplicates
 from shard_tools.stats import PixelSums
 
 
@@ -288,8 +288,12 @@ def _hash_set(kind: str, rng) -> np.ndarray:
     return np.concatenate([base, np.array(noisy, dtype=np.uint64)])
 
 
+@pytest.mark.parametrize("partition", [1 << 17, 16], ids=["one-partition", "partitions-of-16"])
 @pytest.mark.parametrize("kind", ["random", "clustered", "shared-band"])
-def test_grouping_equals_all_pairs_comparison(kind):
+def test_grouping_equals_all_pairs_comparison(kind, partition, monkeypatch):
+    # small partitions: the path that millions of hashes take (each key searched within the values that agree on
+    # the top bits of the key's first part), on sets small enough for the all-pairs reference
+    monkeypatch.setattr(split, "PARTITION", partition)
     rng = np.random.default_rng(["random", "clustered", "shared-band"].index(kind))
     hashes = _hash_set(kind, rng)
     hashes = hashes[rng.permutation(len(hashes))]
@@ -303,9 +307,11 @@ def test_grouping_equals_all_pairs_comparison(kind):
             assert groups.tolist() == expected, (max_distance, parts)
 
 
-def test_grouping_of_a_dense_cluster_compares_blocks_of_pairs(monkeypatch):
+@pytest.mark.parametrize("partition", [1 << 17, 64])
+def test_grouping_of_a_dense_cluster_compares_blocks_of_pairs(partition, monkeypatch):
     # 2,000 distinct hashes within 3 bits of one value share every key: their pairs come in several blocks
     monkeypatch.setattr(split, "PAIR_BLOCK", 5000)
+    monkeypatch.setattr(split, "PARTITION", partition)
     rng = np.random.default_rng(5)
     hashes = np.unique(_flipped(rng, np.full(2400, 0xF0F0, dtype=np.uint64), 3))
     hashes = np.concatenate([hashes, rng.integers(0, 2**64, 200, dtype=np.uint64)])
@@ -329,6 +335,19 @@ def test_split_is_stratified_deterministic_and_keeps_groups_whole():
     assert len(set(is_val[[10, 11, 12, 13, 150]])) == 1
     per_class = [int(is_val[classes == c].sum()) for c in range(3)]
     assert abs(per_class[0] - 20) <= 3 and abs(per_class[1] - 12) <= 1 and per_class[2] == 8
+
+
+def test_a_group_counts_for_its_majority_class_with_ties_to_the_lower_class():
+    rng = np.random.default_rng(3)
+    for num_classes in (1, 3, 50):
+        group = rng.integers(0, 40, 600)
+        classes = rng.integers(0, num_classes, 600)
+        group[:4], classes[:4] = 7, [2 % num_classes, 0, 0, 2 % num_classes]  # group 7 may tie between 0 and 2
+        votes = np.zeros((40, num_classes), dtype=np.int64)  # the plain reference: a groups x classes table
+        np.add.at(votes, (group, classes), 1)
+        majority, sizes = _majority_class(group, classes, 40, num_classes)
+        assert majority.tolist() == votes.argmax(axis=1).tolist()  # argmax: the first (lowest) of tied classes
+        assert sizes.tolist() == votes.sum(axis=1).tolist()
 
 
 def test_split_never_takes_a_class_last_training_image():
