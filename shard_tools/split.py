@@ -82,7 +82,7 @@ def _link_close(values: np.ndarray, max_distance: int, parts: int | None) -> np.
     Keys are visited by the first bit range p they contain. Two values share such a key only if they agree on p, so
     for those keys the values are cut into partitions by p's top bits, and each partition is searched alone: its
     arrays stay in the caches, where passes over all n values miss them at every step once n is in the millions
-    (3.5x the cost per value at 10M as at 1M, measured). The joins a partition finds go into the forest of all
+    (3.3x the cost per value at 10M as at 1M, measured). The joins a partition finds go into the forest of all
     values once per p."""
     n = len(values)
     parts = choose_parts(n, max_distance) if parts is None else parts
@@ -245,7 +245,7 @@ def assign_splits(classes: np.ndarray, groups: np.ndarray, num_classes: int, val
 def _majority_class(group: np.ndarray, classes: np.ndarray, num_groups: int, num_classes: int):
     """(majority class, size) of each group 0..num_groups-1: a group with mixed labels counts for the class most of
     its images carry (ties: the lower class index). From the distinct (group, class) pairs and their counts, not a
-    groups x classes table (8 bytes x 270,000 groups x 100 classes was the parent's memory peak at 300,000 images)."""
+    groups x classes table (8 bytes x ~255,000 groups x 100 classes was the parent's memory peak at 300,000 images)."""
     pairs, counts = np.unique(group.astype(np.int64) * num_classes + classes, return_counts=True)
     pair_group, pair_class = np.divmod(pairs, num_classes)
     best = np.lexsort((pair_class, -counts, pair_group))  # per group: most images first, then the lower class

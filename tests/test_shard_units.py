@@ -338,11 +338,13 @@ def test_split_is_stratified_deterministic_and_keeps_groups_whole():
 
 
 def test_a_group_counts_for_its_majority_class_with_ties_to_the_lower_class():
+    # group 0 ties between classes 2 and 0, group 1 between 1 and 2, group 2 has a clear majority
+    majority, sizes = _majority_class(np.array([0, 0, 1, 1, 1, 1, 2, 2, 2]), np.array([2, 0, 2, 1, 1, 2, 2, 0, 2]), 3, 3)
+    assert majority.tolist() == [0, 1, 2] and sizes.tolist() == [2, 4, 3]
     rng = np.random.default_rng(3)
     for num_classes in (1, 3, 50):
         group = rng.integers(0, 40, 600)
         classes = rng.integers(0, num_classes, 600)
-        group[:4], classes[:4] = 7, [2 % num_classes, 0, 0, 2 % num_classes]  # group 7 may tie between 0 and 2
         votes = np.zeros((40, num_classes), dtype=np.int64)  # the plain reference: a groups x classes table
         np.add.at(votes, (group, classes), 1)
         majority, sizes = _majority_class(group, classes, 40, num_classes)
