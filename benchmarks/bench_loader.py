@@ -50,7 +50,8 @@ from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
-from distributed_train.data import Preprocess, hash_seed, train_loader  # noqa: E402
+from distributed_train.augment import seeded_cpu_rng  # noqa: E402
+from distributed_train.data import Preprocess, train_loader  # noqa: E402
 from shard_tools.build import build_dataset  # noqa: E402
 from shard_tools.manifest import Manifest  # noqa: E402
 from shard_tools.shard_reader import iter_shard_samples  # noqa: E402
@@ -135,8 +136,8 @@ def time_bare_loop(samples: dict[str, tuple[bytes, int]], batch_keys: list[list[
     preprocess = Preprocess(train=True, image_size=image_size)
     start = time.perf_counter()
     for index, keys in enumerate(batch_keys, start=1):  # batch 0 was the loader's warm-up
-        torch.manual_seed(hash_seed((SEED, 0, 0, 0, index)))  # the crops data.py draws: (seed, epoch, rank, worker, batch)
-        torch.stack([preprocess(samples[k][0]) for k in keys])
+        with seeded_cpu_rng((SEED, 0, 0, 0, index)):  # the crops data.py draws: (seed, epoch, rank, worker, batch)
+            torch.stack([preprocess(samples[k][0]) for k in keys])
         torch.tensor([samples[k][1] for k in keys], dtype=torch.long)
     return Timing(sum(map(len, batch_keys)), time.perf_counter() - start)
 

@@ -8,7 +8,10 @@ run time. Every format stores the JPEG files byte for byte (`build --size 256` p
 does the same work on them: torchvision `decode_jpeg` + RandomResizedCrop(--crop) + flip (distributed_train's own
 `Preprocess`), batches of --batch-size, one DataLoader worker, one torch thread.
 
-(a) Read, images/s per worker: ours (`distributed_train.data.train_loader`, reading by the shards' sample index) vs
+(a0) Decode + crop + flip per image in one process: torchvision's v2.RandomResizedCrop + v2.RandomHorizontalFlip vs
+    the trainer's RandomResizedCropFlip (same draws, same pixels). Every reader in (a) uses the latter.
+(a) Read, images/s per worker: ours (`distributed_train.data.train_loader`, reading by the shards' sample index,
+    batches in reused shared-memory buffers as the trainer streams them; also shown with a fresh batch each time) vs
     LitData `StreamingDataset` + `StreamingDataLoader` (after `litdata.optimize`), MosaicML `StreamingDataset` (MDS,
     after `MDSWriter`) and a plain webdataset pipeline (WebDataset -> shuffle(1000) -> map -> batched). The
     contenders take turns, in an order rotated every round; each round times a steady-state window of --window
@@ -39,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from distributed_train.augment import RandomResizedCropFlip
 from distributed_train.batches import RunData
 from distributed_train.config import Config
 from distributed_train.data import Preprocess, eval_loader, normalize, train_loader
@@ -151,9 +155,12 @@ def make_readers(scratch: Path, batch_size: int, crop: int, workers: int = 1) ->
             sample = super().__getitem__(index)
             return preprocess(sample["jpg"]), sample["cls"]
 
-    def ours(r):
+    def ours(r, reuse_buffers=True):  # as the trainer streams (RunData): batches in reused shared-memory buffers
         return train_loader(manifest, rank=0, world_size=1, batch_size=batch_size, accum_steps=1, image_size=crop,
-                            workers=workers, seed=SEED, epoch=r)[0]
+                            workers=workers, seed=SEED, epoch=r, reuse_buffers=reuse_buffers)[0]
+
+    def ours_fresh(r):  # the stock collate's fresh shared-memory batch every time
+        return ours(r, reuse_buffers=False)
 
     def lit(r):
         dataset = LitPhotos(str(scratch / "litdata"), shuffle=True, seed=SEED + r)
@@ -170,7 +177,8 @@ def make_readers(scratch: Path, batch_size: int, crop: int, workers: int = 1) ->
                     .map(lambda s: (preprocess(s["jpg"]), int(s["cls"]))).batched(batch_size, partial=False))
         return wds.WebLoader(pipeline, batch_size=None, num_workers=workers)
 
-    return {"ours": ours, "litdata": lit, "mosaicml (MDS)": mds, "webdataset": webdataset}
+    return {"ours": ours, "ours, fresh batches": ours_fresh, "litdata": lit, "mosaicml (MDS)": mds,
+            "webdataset": webdataset}
 
 
 def time_reader(make, r: int, warmup: int, window: int) -> float:
@@ -202,11 +210,38 @@ def bench_read(readers: dict, rounds: int, warmup: int, window: int) -> None:
         ratios = [a / b for a, b in zip(rates["ours"], rates[name])]
         print(f"  ours / {name:<16s} per round " + " ".join(f"{x:.2f}" for x in ratios)
               + f", median {statistics.median(ratios):.2f}x")
-    fastest = max((n for n in names if n != "ours"), key=medians.get)
+    fastest = max((n for n in names if not n.startswith("ours")), key=medians.get)
     ratio = statistics.median(a / b for a, b in zip(rates["ours"], rates[fastest]))
     verdict = "meets" if ratio >= TARGET_READ else "BELOW"
     print(f"  => ours / {fastest} (fastest peer) = {ratio:.2f}x (median of per-round ratios; {verdict} target >= "
           f"{TARGET_READ:g}x)")
+
+
+def bench_preprocess(images: Path, crop: int, rounds: int) -> None:
+    """Decode + crop + flip per image in this process: torchvision's v2 transforms vs the trainer's
+    RandomResizedCropFlip (the same draws and pixels, tests/test_augment.py), taking turns."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms import v2
+
+    jpegs = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in sorted(images.iterdir())[:1000]]
+    contenders = {
+        "torchvision v2": v2.Compose([v2.RandomResizedCrop(crop, scale=(0.25, 1.0), antialias=True),
+                                      v2.RandomHorizontalFlip()]),
+        "RandomResizedCropFlip": RandomResizedCropFlip(crop, (0.25, 1.0)),
+    }
+    micros = {name: [] for name in contenders}
+    for r in range(rounds):
+        for name, transform in contenders.items():
+            torch.manual_seed(r)
+            start = time.perf_counter()
+            for data in jpegs:
+                transform(decode_jpeg(data, mode=ImageReadMode.RGB))
+            micros[name].append((time.perf_counter() - start) / len(jpegs) * 1e6)
+    medians = {name: statistics.median(values) for name, values in micros.items()}
+    for name, value in medians.items():
+        print(f"  {name:<22s} {value:6.0f} us per image (median of {rounds} rounds over {len(jpegs)} photos)")
+    ours, theirs = medians["RandomResizedCropFlip"], medians["torchvision v2"]
+    print(f"  => decode + crop + flip in {ours / theirs:.2f}x the time of torchvision's v2 transforms")
 
 
 # ---- (c) the first step of an epoch ------------------------------------------------------------------------------
@@ -289,6 +324,8 @@ def main() -> None:
         for name, seconds in write_all(images, labels, samples, scratch).items():
             print(f"  {name:<18s} {seconds:7.1f} s  ({len(samples) / seconds:7.1f} photos/s)")
         print("  (build also decodes every image once: exact channel statistics and the near-duplicate hash)")
+        print(f"\n(a0) decode + RandomResizedCrop({args.crop}) + flip, one process")
+        bench_preprocess(images, args.crop, args.rounds)
         print(f"\n(a) read, 1 worker, batch {args.batch_size}, decode + RandomResizedCrop({args.crop}) + flip; "
               f"{args.window} batches timed after {args.warmup}")
         bench_read(make_readers(scratch, args.batch_size, args.crop), args.rounds, args.warmup, args.window)

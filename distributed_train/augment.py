@@ -11,9 +11,13 @@
 """
 from __future__ import annotations
 
+import contextlib
+import math
 import random
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torchvision.transforms import v2
 
 AUTO_AUGMENT = {
@@ -23,15 +27,62 @@ AUTO_AUGMENT = {
 }
 
 
+class RandomResizedCropFlip:
+    """v2.RandomResizedCrop(size, scale, antialias=True) then v2.RandomHorizontalFlip(): the same random draws and
+    the same pixels (tests/test_augment.py compares them), faster: decode + crop + flip take about three quarters of
+    the time they take with v2's transforms (benchmarks/bench_peers.py, part a0).
+
+    Where v2's time went: it hands the cropped *view* of the decoded image (HWC in memory) to `interpolate`, which
+    then takes its slower strided path for uint8, and its generic dispatch (input flattening, type checks) adds
+    Python work to every image. Here the small crop is copied to a contiguous channels-last block, so the resize
+    takes the vectorised uint8 path, and the box is drawn with torchvision's own calls in torchvision's order."""
+
+    def __init__(self, size: int, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+        self.size, self.scale, self.ratio = size, scale, ratio
+        self.log_ratio = torch.log(torch.tensor(ratio))
+
+    def crop_box(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """(top, left, height, width): v2.RandomResizedCrop.make_params, draw for draw."""
+        area = height * width
+        for _ in range(10):
+            target_area = area * torch.empty(1).uniform_(self.scale[0], self.scale[1]).item()
+            aspect_ratio = torch.exp(torch.empty(1).uniform_(self.log_ratio[0], self.log_ratio[1])).item()
+            w = int(round(math.sqrt(target_area * aspect_ratio)))
+            h = int(round(math.sqrt(target_area / aspect_ratio)))
+            if 0 < w <= width and 0 < h <= height:
+                top = torch.randint(0, height - h + 1, size=(1,)).item()
+                left = torch.randint(0, width - w + 1, size=(1,)).item()
+                return top, left, h, w
+        # ten misses (an extreme aspect ratio): the centre crop of the nearest allowed ratio, as torchvision does
+        in_ratio = width / height
+        if in_ratio < min(self.ratio):
+            w, h = width, int(round(width / min(self.ratio)))
+        elif in_ratio > max(self.ratio):
+            w, h = int(round(height * max(self.ratio))), height
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        top, left, height, width = self.crop_box(*image.shape[-2:])
+        crop = image.narrow(-2, top, height).narrow(-1, left, width).unsqueeze(0)
+        crop = crop.contiguous(memory_format=torch.channels_last)
+        if (height, width) != (self.size, self.size):  # v2 leaves an exact-size crop unresized, too
+            crop = F.interpolate(crop, size=(self.size, self.size), mode="bilinear", align_corners=False,
+                                 antialias=True)
+        crop = crop.squeeze(0)
+        return crop.flip(-1) if torch.rand(1).item() < 0.5 else crop  # RandomHorizontalFlip: none when rand >= p
+
+
 def train_transform(image_size: int, min_crop_scale: float, auto_augment: str = "none", random_erase: float = 0.0,
-                    fill: tuple[int, int, int] = (0, 0, 0)) -> v2.Compose:
+                    fill: tuple[int, int, int] = (0, 0, 0)) -> Callable[[torch.Tensor], torch.Tensor]:
     """uint8 CHW image -> augmented uint8 CHW crop of `image_size`."""
-    steps = [v2.RandomResizedCrop(image_size, scale=(min_crop_scale, 1.0), antialias=True), v2.RandomHorizontalFlip()]
+    steps = [RandomResizedCropFlip(image_size, scale=(min_crop_scale, 1.0))]
     if auto_augment != "none":
         steps.append(AUTO_AUGMENT[auto_augment]())
     if random_erase > 0:
         steps.append(v2.RandomErasing(p=random_erase, value=list(fill)))
-    return v2.Compose(steps)
+    return steps[0] if len(steps) == 1 else v2.Compose(steps)
 
 
 def mean_colour(mean: list[float]) -> tuple[int, int, int]:
@@ -55,9 +106,19 @@ class BatchMix:
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, epoch: int, batch: int):
         # torchvision draws lambda, the box and the choice from torch's CPU generator: seeded per batch, the draws
         # depend on where the batch is in the run, not on how many batches this process has seen since it started.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash_seed(("mix", self.seed, epoch, self.rank, batch)))
+        with seeded_cpu_rng(("mix", self.seed, epoch, self.rank, batch)):
             return self.mix(images, labels)
+
+
+@contextlib.contextmanager
+def seeded_cpu_rng(parts: tuple):
+    """Inside the block, torch's CPU generator is seeded from `parts`; after it, it is as before. Only the CPU one:
+    every draw made here is on the CPU, and torch.manual_seed would also queue a seed for each accelerator, which
+    records a stack trace on every call (torch's lazy device init): once per batch, that was the largest cost of
+    a worker's per-batch bookkeeping."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(hash_seed(parts))
+        yield
 
 
 def hash_seed(parts: tuple) -> int:

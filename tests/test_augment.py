@@ -5,7 +5,10 @@ import math
 import pytest
 import torch
 
-from distributed_train.augment import BatchMix, class_weights, mean_colour, train_transform
+from torchvision.io import decode_jpeg, encode_jpeg
+from torchvision.transforms import v2
+
+from distributed_train.augment import BatchMix, RandomResizedCropFlip, class_weights, mean_colour, train_transform
 from distributed_train.config import Config, parse_args, resolve
 from distributed_train.data import train_loader
 from distributed_train.evaluate import evaluate, macro_f1, summarize
@@ -14,6 +17,29 @@ from shard_tools.errors import UsageError
 from shard_tools.manifest import Manifest
 
 CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("size,scale", [(112, (0.25, 1.0)), (32, (0.08, 1.0)), (64, (1.0, 1.0))])
+def test_crop_and_flip_equal_torchvisions_draw_for_draw(size, scale):
+    """RandomResizedCropFlip replaces v2.RandomResizedCrop + v2.RandomHorizontalFlip for speed: the same pixels
+    from the same seed, and the generator left where torchvision leaves it. Decoded JPEGs (HWC in memory) and plain
+    CHW tensors; shapes that upscale, that are exactly `size`, and so thin that the sampler falls back."""
+    torch.manual_seed(0)
+    images = [torch.randint(0, 256, shape, dtype=torch.uint8)
+              for shape in [(3, 160, 213), (3, 50, 60), (3, size, size), (3, 14, 300), (3, 300, 14)]]
+    images += [decode_jpeg(encode_jpeg(image)) for image in images[:2]]
+    reference = v2.Compose([v2.RandomResizedCrop(size, scale=scale, antialias=True), v2.RandomHorizontalFlip()])
+    ours = RandomResizedCropFlip(size, scale)
+
+    def draw(transform, seed):
+        torch.manual_seed(seed)
+        out = [transform(image) for image in images for _ in range(6)]
+        return out, torch.rand(1)
+
+    for seed in range(3):
+        (want, want_next), (got, got_next) = draw(reference, seed), draw(ours, seed)
+        assert all(torch.equal(a, b) for a, b in zip(want, got)) and len(want) == len(got)
+        assert torch.equal(want_next, got_next), "the generator must be left where torchvision leaves it"
 
 
 @pytest.mark.parametrize("policy", ["trivialaugment", "randaugment", "autoaugment"])

@@ -52,3 +52,16 @@ def test_grouping_profile_and_change_scripts_run_on_a_small_size():
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         assert expect in result.stdout and "same groups: False" not in result.stdout
+
+
+def test_bench_peers_preprocess_part_runs_without_the_peers(tmp_path):
+    """(a0) of bench_peers.py, the part that needs no peer installed: torchvision's v2 crop vs ours on a few JPEGs."""
+    import torch
+    from torchvision.io import encode_jpeg
+    for i in range(4):
+        (tmp_path / f"{i}.jpg").write_bytes(encode_jpeg(torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8)).numpy())
+    code = f"import bench_peers; from pathlib import Path; bench_peers.bench_preprocess(Path({str(tmp_path)!r}), 32, 2)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO / "benchmarks", env=python_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "torchvision v2" in result.stdout and "x the time of torchvision's v2 transforms" in result.stdout

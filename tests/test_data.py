@@ -5,6 +5,7 @@ exactly what each torchrun process does; the multi-process runs are in test_trai
 """
 import os
 import re
+import time
 from collections import Counter
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 
 from distributed_train.batches import RunData
 from distributed_train.config import Config
-from distributed_train.data import (EpochCursor, Piece, PieceReader, batches_before, cut_ranges, eval_loader,
+from distributed_train.data import (PREFETCH, EpochCursor, Piece, PieceReader, batches_before, cut_ranges, eval_loader,
                                     even_split, run_train_loader, train_batches_per_rank, train_loader)
 from distributed_train.dist import DistContext
 from shard_tools.manifest import Manifest, ShardInfo
@@ -157,7 +158,7 @@ def test_persistent_workers_stream_every_epoch_as_a_fresh_loader_would(uneven_sh
         fresh, _ = train_loader(manifest, epoch=epoch, skip_batches=skip, **kw)
         expected = [(images, keys) for images, _, keys in fresh]
         cursor.set(epoch, skip)
-        got = [(images, keys) for images, _, keys in loader]
+        got = [(images.clone(), keys) for images, _, keys in loader]  # its buffers are reused: keep copies
         assert [[k.split("@")[0] for k in keys] for _, keys in got] == [keys for _, keys in expected]
         assert all(torch.equal(a, b) for (a, _), (b, _) in zip(got, expected))  # same crops too
         workers |= {k.split("@")[1] for _, keys in got for k in keys}
@@ -165,6 +166,33 @@ def test_persistent_workers_stream_every_epoch_as_a_fresh_loader_would(uneven_sh
     assert len(workers) == 2, "the same two worker processes served every epoch"
     assert seen[1, 0] != seen[0, 0]  # each epoch its own order
     assert seen[1, 5] == seen[1, 0][5 * 4:]  # resuming after 5 batches continues the uninterrupted epoch
+
+
+def shared_file(images: torch.Tensor) -> int:
+    """The inode of the shared-memory file behind a batch that came from a DataLoader worker."""
+    fd, _ = images.untyped_storage()._share_fd_cpu_()
+    return os.fstat(fd).st_ino
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_reused_batch_buffers_keep_each_batch_until_the_next_but_one_is_asked_for(uneven_shards, workers):
+    """The trainer's loader fills a few shared-memory buffers in turn (BatchBuffers). A slow consumer lets the
+    workers run as far ahead as the DataLoader allows: the batch it holds, and the one before, must not change."""
+    manifest = Manifest.read(str(uneven_shards))
+    kw = dict(rank=0, world_size=1, batch_size=4, accum_steps=1, image_size=24, workers=workers, seed=3, epoch=1)
+    expected = [images for images, _, _ in train_loader(manifest, **kw)[0]]  # fresh batches
+    loader, steps = train_loader(manifest, reuse_buffers=True, **kw)
+    held, files = [], set()  # (batch, its copy on arrival) for the last two batches
+    for images, _, _ in loader:
+        held = held[-1:] + [(images, images.clone())]
+        files.add(shared_file(images))
+        time.sleep(0.01)  # the workers fill their queue meanwhile
+        for batch, on_arrival in held:
+            assert torch.equal(batch, on_arrival), "a held batch was overwritten by a later one"
+    assert steps == len(expected) > 2 * workers * (PREFETCH + 2)  # every buffer is filled twice at least
+    assert len(files) <= workers * (PREFETCH + 2), "buffers were not reused"
+    copies = [images.clone() for images, _, _ in train_loader(manifest, reuse_buffers=True, **kw)[0]]
+    assert all(torch.equal(a, b) for a, b in zip(copies, expected))  # the same batches as fresh ones
 
 
 def test_run_data_starts_the_next_epoch_ahead_and_resumes_mid_epoch(uneven_shards):
