@@ -173,7 +173,11 @@ class BatchBuffers:
     k - PREFETCH. With PREFETCH + 2 buffers, batch k overwrites batch k - PREFETCH - 2, two batches behind the one
     being handed out. So a batch stays intact while the training loop holds it and until it has asked for the next
     batch twice (RunData holds one). A consumer that keeps batches longer (e.g. `list(loader)`) must not use this:
-    `train_loader` has it off unless asked for. Outside a worker (workers=0) every batch is fresh."""
+    `train_loader` has it off unless asked for. Outside a worker (workers=0) every batch is fresh.
+
+    At an epoch's end, workers finish one by one and the DataLoader sends their requests to the others, which could
+    then run further ahead: TrainStream uses the buffers only when the workers' batch counts differ by at most one
+    (even_split), so that no worker has more than PREFETCH batches left when the first one finishes."""
 
     def __init__(self, count: int = PREFETCH + 2):
         self.count, self.buffers, self.turn = count, [], 0
@@ -313,9 +317,10 @@ class TrainStream(IterableDataset):
 
     def epoch_stream(self, epoch: int, skip: int) -> SlotStream:
         mine, per_worker, seed = self.slots(epoch)
+        balanced = max(per_worker) - min(per_worker) <= self.batch_size  # BatchBuffers' premise
         return SlotStream(mine, per_worker, self.preprocess(epoch), self.batch_size, train=True, seed=seed,
                           shuffle_buffer=self.shuffle_buffer, skip_batches=skip, read_piece=self.read_piece,
-                          encoded=self.decode_on_device, buffers=self.buffers)
+                          encoded=self.decode_on_device, buffers=self.buffers if balanced else None)
 
     def __iter__(self):
         return iter(self.epoch_stream(self.cursor.epoch.value, self.cursor.skip.value))

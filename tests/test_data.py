@@ -14,7 +14,7 @@ import torch
 from distributed_train.batches import RunData
 from distributed_train.config import Config
 from distributed_train.data import (PREFETCH, EpochCursor, Piece, PieceReader, batches_before, cut_ranges, eval_loader,
-                                    even_split, run_train_loader, train_batches_per_rank, train_loader)
+                                    TrainStream, even_split, run_train_loader, train_batches_per_rank, train_loader)
 from distributed_train.dist import DistContext
 from shard_tools.manifest import Manifest, ShardInfo
 from shard_tools.errors import ShardReadError, one_line as error_line
@@ -193,6 +193,17 @@ def test_reused_batch_buffers_keep_each_batch_until_the_next_but_one_is_asked_fo
     assert len(files) <= workers * (PREFETCH + 2), "buffers were not reused"
     copies = [images.clone() for images, _, _ in train_loader(manifest, reuse_buffers=True, **kw)[0]]
     assert all(torch.equal(a, b) for a, b in zip(copies, expected))  # the same batches as fresh ones
+
+
+def test_batch_buffers_are_used_only_when_the_workers_batch_counts_are_within_one(uneven_shards):
+    """At an epoch's end the DataLoader gives a finished worker's requests to the others: a worker with many more
+    batches left than the rest could then run past its buffers, so such an epoch gets fresh batches."""
+    stream = TrainStream(Manifest.read(str(uneven_shards)), EpochCursor(), rank=0, world_size=1, batch_size=4,
+                         accum_steps=1, image_size=24, workers=2, seed=0, reuse_buffers=True)
+    slots, per_worker, _ = stream.slots(0)
+    assert abs(per_worker[0] - per_worker[1]) <= 4 and stream.epoch_stream(0, 0).buffers is stream.buffers
+    stream.planned[1] = (slots, [per_worker[0] + 8, per_worker[1] - 8])  # as if another layout had left it so
+    assert stream.buffers is not None and stream.epoch_stream(1, 0).buffers is None
 
 
 def test_run_data_starts_the_next_epoch_ahead_and_resumes_mid_epoch(uneven_shards):
