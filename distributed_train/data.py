@@ -8,8 +8,8 @@ How one epoch's samples reach the ranks (no rank ever waits for another in an al
        shards than slots still give every slot exactly its share)
     -> each slot: the samples of its ranges (ranged reads of exactly their bytes through each shard's sample index,
        or the tar streamed from its start when there is none) -> shuffle buffer -> raw batches -> skip (resume)
-       -> decode (torchvision.io, libjpeg-turbo) + augment -> uint8 batch (the trainer's in reused shared-memory
-          buffers: BatchBuffers)
+       -> decode (torchvision.io, libjpeg-turbo) + augment -> uint8 batch (the trainer's in a ring of shared-memory
+          slots: batch_ring.py)
           (or, with --decode device, the batch's JPEG bytes in one block: device_decode.py decodes them on the GPU)
 
 One training DataLoader serves a whole run (run_train_loader): its persistent workers cut each epoch's slots
@@ -34,6 +34,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
 from distributed_train.augment import seeded_cpu_rng, train_transform
+from distributed_train.batch_ring import PREFETCH, BatchRing
 from distributed_train.device_decode import UnreadableJPEG, pack_jpegs
 from distributed_train.schedule import crop_size_at, train_batches_per_rank
 from shard_tools.errors import ShardReadError, damaged_sample
@@ -159,52 +160,18 @@ class Preprocess:
         return self.transform(image)
 
 
-PREFETCH = 4  # batches a DataLoader worker may have in flight (DataLoader's prefetch_factor)
-
-
-class BatchBuffers:
-    """Shared-memory batch buffers that one DataLoader worker fills in turn.
-
-    Why: the stock collate stacks every batch into a fresh shared-memory block, whose new mapping the worker pays for
-    in page faults on every batch. A buffer it filled before is already mapped: one worker delivers ~1.1x the
-    images/s (benchmarks/bench_peers.py, "ours" vs "ours, fresh batches").
-
-    Why it is safe: the DataLoader asks a worker for its batch k only when it hands out that worker's batch
-    k - PREFETCH. With PREFETCH + 2 buffers, batch k overwrites batch k - PREFETCH - 2, two batches behind the one
-    being handed out. So a batch stays intact while the training loop holds it and until it has asked for the next
-    batch twice (RunData holds one). A consumer that keeps batches longer (e.g. `list(loader)`) must not use this:
-    `train_loader` has it off unless asked for. Outside a worker (workers=0) every batch is fresh.
-
-    At an epoch's end, workers finish one by one and the DataLoader sends their requests to the others, which could
-    then run further ahead: TrainStream uses the buffers only when the workers' batch counts differ by at most one
-    (even_split), so that no worker has more than PREFETCH batches left when the first one finishes."""
-
-    def __init__(self, count: int = PREFETCH + 2):
-        self.count, self.buffers, self.turn = count, [], 0
-
-    def stack(self, images: list[torch.Tensor]) -> torch.Tensor:
-        if get_worker_info() is None:
-            return torch.stack(images)
-        shape = (len(images), *images[0].shape)
-        if not self.buffers or self.buffers[0].shape != shape:  # a new crop size (--progressive) or batch size
-            self.buffers = [torch.empty(shape, dtype=images[0].dtype).share_memory_() for _ in range(self.count)]
-        out = self.buffers[self.turn % self.count]
-        self.turn += 1
-        return torch.stack(images, out=out)
-
-
 class SlotStream(IterableDataset):
     """What one rank streams in one epoch: worker w of the DataLoader reads slot `slots[w]`."""
 
     def __init__(self, slots: list[list[Piece]], counts: list[int], preprocess: Preprocess, batch_size: int,
                  train: bool, seed: tuple, shuffle_buffer: int = 1000, skip_batches: int = 0,
                  read_piece: Callable[[Piece], Iterator[dict]] = PieceReader(), encoded: bool = False,
-                 buffers: BatchBuffers | None = None):
+                 ring: BatchRing | None = None):
         self.slots, self.counts, self.preprocess = slots, counts, preprocess
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.shuffle_buffer, self.skip_batches, self.read_piece = shuffle_buffer, skip_batches, read_piece
         self.encoded = encoded  # send the JPEG bytes undecoded (--decode device)
-        self.buffers = buffers  # None: a fresh batch every time
+        self.ring = ring  # None: every batch in a fresh shared-memory block
 
     def __iter__(self):
         info = get_worker_info()
@@ -224,6 +191,7 @@ class SlotStream(IterableDataset):
     def make_batch(self, raw: list[dict], seed: tuple):
         # Augmentation randomness depends only on (seed, epoch, rank, worker, batch index): a resumed run draws the
         # same crops as an uninterrupted one.
+        labels, keys = [int(s["cls"]) for s in raw], [s["__key__"] for s in raw]
         with seeded_cpu_rng(seed):
             if self.encoded:  # --decode device: crops drawn here, decoded on the GPU
                 try:
@@ -232,13 +200,12 @@ class SlotStream(IterableDataset):
                 except UnreadableJPEG as e:
                     bad = raw[e.index]
                     raise damaged_sample(bad["__key__"], bad.get("__url__"), e.error) from None
-            elif self.buffers is not None:
-                images = self.buffers.stack([self.decode(s) for s in raw])
+            elif self.ring is not None and get_worker_info() is not None:
+                return self.ring.put([self.decode(s) for s in raw], labels, keys)  # the trainer: batch_ring.py
             else:
                 # default_collate stacks straight into shared memory inside a worker: no extra copy to send the batch
                 images = default_collate([self.decode(s) for s in raw])
-        labels = torch.tensor([int(s["cls"]) for s in raw], dtype=torch.long)
-        return images, labels, [s["__key__"] for s in raw]
+        return images, torch.tensor(labels, dtype=torch.long), keys
 
     def decode(self, sample: dict) -> torch.Tensor:
         try:
@@ -290,8 +257,9 @@ class TrainStream(IterableDataset):
         self.progressive = progressive  # (smallest, largest crop size, epochs of the run), or None: image_size
         self._preprocess: dict[int, Preprocess] = {}
         self.decode_on_device, self.planned = decode_on_device, planned or {}
-        # one set per worker process (each has its own copy of this object), kept across epochs
-        self.buffers = BatchBuffers() if reuse_buffers and not decode_on_device else None
+        largest = max(image_size, *progressive[:2]) if progressive else image_size
+        self.ring = BatchRing(workers, batch_size, largest) \
+            if reuse_buffers and workers > 0 and not decode_on_device else None
 
     def preprocess(self, epoch: int) -> Preprocess:
         """The augmentation of `epoch`: its crop size is --progressive's for that epoch, else image_size."""
@@ -317,10 +285,13 @@ class TrainStream(IterableDataset):
 
     def epoch_stream(self, epoch: int, skip: int) -> SlotStream:
         mine, per_worker, seed = self.slots(epoch)
-        balanced = max(per_worker) - min(per_worker) <= self.batch_size  # BatchBuffers' premise
+        # At an epoch's end workers finish one by one and the DataLoader gives their requests to the others, which
+        # could then run further ahead than the ring allows (batch_ring.py); with batch counts within one of each
+        # other, no worker has more than PREFETCH batches left when the first one finishes.
+        balanced = max(per_worker) - min(per_worker) <= self.batch_size
         return SlotStream(mine, per_worker, self.preprocess(epoch), self.batch_size, train=True, seed=seed,
                           shuffle_buffer=self.shuffle_buffer, skip_batches=skip, read_piece=self.read_piece,
-                          encoded=self.decode_on_device, buffers=self.buffers if balanced else None)
+                          encoded=self.decode_on_device, ring=self.ring if balanced else None)
 
     def __iter__(self):
         return iter(self.epoch_stream(self.cursor.epoch.value, self.cursor.skip.value))
@@ -335,7 +306,8 @@ def run_train_loader(manifest: Manifest, cursor: EpochCursor, *, workers: int, p
                      **stream_kw) -> DataLoader:
     """The one training loader of a rank for a whole run: its workers live across epochs. Before each
     `iter(loader)`, `cursor.set(epoch, skip)` chooses what that pass streams (`TrainStream` takes the other
-    arguments). Its batches live in reused buffers: each is valid until the next-but-one is asked for (BatchBuffers)."""
+    arguments). Its batches live in a ring of shared-memory slots: each is valid until the next-but-one is asked for
+    (batch_ring.py)."""
     return _loader(TrainStream(manifest, cursor, workers=workers, reuse_buffers=True, **stream_kw), workers,
                    pin_memory, persistent=True)
 
@@ -347,7 +319,7 @@ def train_loader(manifest: Manifest, *, rank: int, world_size: int, batch_size: 
                  **augment) -> tuple[DataLoader, int]:
     """A loader of one rank for one epoch, and the number of micro-batches it yields (equal on every rank).
     With `decode_on_device` its batches hold EncodedBatch instead of images (see device_decode.py). With
-    `reuse_buffers`, a batch is valid only until the next-but-one is asked for (BatchBuffers). `augment`:
+    `reuse_buffers`, a batch is valid only until the next-but-one is asked for (batch_ring.py). `augment`:
     TrainStream's `extras` and `progressive`."""
     stream = TrainStream(manifest, EpochCursor(epoch, skip_batches), rank=rank, world_size=world_size,
                          batch_size=batch_size, accum_steps=accum_steps, image_size=image_size, workers=workers,

@@ -13,7 +13,8 @@ import torch
 
 from distributed_train.batches import RunData
 from distributed_train.config import Config
-from distributed_train.data import (PREFETCH, EpochCursor, Piece, PieceReader, batches_before, cut_ranges, eval_loader,
+from distributed_train.batch_ring import PREFETCH
+from distributed_train.data import (EpochCursor, Piece, PieceReader, batches_before, cut_ranges, eval_loader,
                                     TrainStream, even_split, run_train_loader, train_batches_per_rank, train_loader)
 from distributed_train.dist import DistContext
 from shard_tools.manifest import Manifest, ShardInfo
@@ -168,42 +169,41 @@ def test_persistent_workers_stream_every_epoch_as_a_fresh_loader_would(uneven_sh
     assert seen[1, 5] == seen[1, 0][5 * 4:]  # resuming after 5 batches continues the uninterrupted epoch
 
 
-def shared_file(images: torch.Tensor) -> int:
-    """The inode of the shared-memory file behind a batch that came from a DataLoader worker."""
-    fd, _ = images.untyped_storage()._share_fd_cpu_()
-    return os.fstat(fd).st_ino
-
-
 @pytest.mark.parametrize("workers", [1, 2])
-def test_reused_batch_buffers_keep_each_batch_until_the_next_but_one_is_asked_for(uneven_shards, workers):
-    """The trainer's loader fills a few shared-memory buffers in turn (BatchBuffers). A slow consumer lets the
-    workers run as far ahead as the DataLoader allows: the batch it holds, and the one before, must not change."""
+def test_ring_slots_keep_each_batch_until_the_next_but_one_is_asked_for(uneven_shards, workers):
+    """The trainer's loader has its workers fill a ring of shared-memory slots in turn (batch_ring.py). A slow
+    consumer lets the workers run as far ahead as the DataLoader allows: the batch it holds, and the one before,
+    must not change."""
     manifest = Manifest.read(str(uneven_shards))
     kw = dict(rank=0, world_size=1, batch_size=4, accum_steps=1, image_size=24, workers=workers, seed=3, epoch=1)
-    expected = [images for images, _, _ in train_loader(manifest, **kw)[0]]  # fresh batches
+    expected = list(train_loader(manifest, **kw)[0])  # fresh batches
     loader, steps = train_loader(manifest, reuse_buffers=True, **kw)
-    held, files = [], set()  # (batch, its copy on arrival) for the last two batches
-    for images, _, _ in loader:
+    held, slots = [], set()  # (batch, its copy on arrival) for the last two batches
+    for images, labels, _ in loader:
         held = held[-1:] + [(images, images.clone())]
-        files.add(shared_file(images))
+        slots.add(images.data_ptr())
+        assert images.shape == (4, 3, 24, 24) and labels.dtype == torch.int64 and labels.shape == (4,)
         time.sleep(0.01)  # the workers fill their queue meanwhile
         for batch, on_arrival in held:
             assert torch.equal(batch, on_arrival), "a held batch was overwritten by a later one"
     assert steps == len(expected) > 2 * workers * (PREFETCH + 2)  # every buffer is filled twice at least
-    assert len(files) <= workers * (PREFETCH + 2), "buffers were not reused"
-    copies = [images.clone() for images, _, _ in train_loader(manifest, reuse_buffers=True, **kw)[0]]
-    assert all(torch.equal(a, b) for a, b in zip(copies, expected))  # the same batches as fresh ones
+    assert len(slots) <= workers * (PREFETCH + 2), "slots were not reused"
+    copies = [(images.clone(), labels.clone(), keys)
+              for images, labels, keys in train_loader(manifest, reuse_buffers=True, **kw)[0]]
+    assert len(copies) == len(expected)
+    for (images, labels, keys), (want_images, want_labels, want_keys) in zip(copies, expected):
+        assert keys == want_keys and torch.equal(labels, want_labels) and torch.equal(images, want_images)
 
 
-def test_batch_buffers_are_used_only_when_the_workers_batch_counts_are_within_one(uneven_shards):
+def test_the_ring_is_used_only_when_the_workers_batch_counts_are_within_one(uneven_shards):
     """At an epoch's end the DataLoader gives a finished worker's requests to the others: a worker with many more
     batches left than the rest could then run past its buffers, so such an epoch gets fresh batches."""
     stream = TrainStream(Manifest.read(str(uneven_shards)), EpochCursor(), rank=0, world_size=1, batch_size=4,
                          accum_steps=1, image_size=24, workers=2, seed=0, reuse_buffers=True)
     slots, per_worker, _ = stream.slots(0)
-    assert abs(per_worker[0] - per_worker[1]) <= 4 and stream.epoch_stream(0, 0).buffers is stream.buffers
+    assert abs(per_worker[0] - per_worker[1]) <= 4 and stream.epoch_stream(0, 0).ring is stream.ring
     stream.planned[1] = (slots, [per_worker[0] + 8, per_worker[1] - 8])  # as if another layout had left it so
-    assert stream.buffers is not None and stream.epoch_stream(1, 0).buffers is None
+    assert stream.ring is not None and stream.epoch_stream(1, 0).ring is None
 
 
 def test_run_data_starts_the_next_epoch_ahead_and_resumes_mid_epoch(uneven_shards):
