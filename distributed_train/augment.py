@@ -114,8 +114,7 @@ class BatchMix:
 def seeded_cpu_rng(parts: tuple):
     """Inside the block, torch's CPU generator is seeded from `parts`; after it, it is as before. Only the CPU one:
     every draw made here is on the CPU, and torch.manual_seed would also queue a seed for each accelerator, which
-    records a stack trace on every call (torch's lazy device init): once per batch, that was the largest cost of
-    a worker's per-batch bookkeeping."""
+    records a Python stack trace on every call (torch's lazy device init), once per batch, for nothing."""
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(hash_seed(parts))
         yield
