@@ -88,7 +88,7 @@ def even_split(total: int, parts: int) -> list[int]:
 
 
 def batches_before(consumed: int, worker: int, num_workers: int) -> int:
-    """Batches worker `worker` produced when the rank has consumed `consumed` (the DataLoader takes them round-robin)."""
+    """Batches worker `worker` produced when the rank has consumed `consumed` (the DataLoader takes them in turn)."""
     return consumed // num_workers + (worker < consumed % num_workers)
 
 

@@ -4,6 +4,7 @@ Ranks are simulated in one process by building each rank's loader (with real Dat
 exactly what each torchrun process does; the multi-process runs are in test_train.py.
 """
 import os
+import pickle
 import re
 import time
 from collections import Counter
@@ -13,7 +14,7 @@ import torch
 
 from distributed_train.batches import RunData
 from distributed_train.config import Config
-from distributed_train.batch_ring import PREFETCH
+from distributed_train.batch_ring import PREFETCH, BatchRing, RingBatch
 from distributed_train.data import (EpochCursor, Piece, PieceReader, batches_before, cut_ranges, eval_loader,
                                     TrainStream, even_split, run_train_loader, train_batches_per_rank, train_loader)
 from distributed_train.dist import DistContext
@@ -226,3 +227,20 @@ def test_run_data_starts_the_next_epoch_ahead_and_resumes_mid_epoch(uneven_shard
         assert epoch_keys(3, 7) == fresh_keys(3, 7)  # asked for something else: the run ahead is dropped
     finally:
         data.close()
+
+
+def test_a_ring_batch_unpickles_as_views_of_the_ring_and_refuses_a_refilled_slot():
+    """What a worker sends is (ring, worker, slot, batch number, shape, keys); the training process reads the slot.
+    A slot that already holds a later batch is an error, never a silently wrong batch."""
+    ring = BatchRing(workers=2, batch_size=3, max_size=4)
+    images, labels = ring.views(1, 2, (3, 3, 4, 4))
+    images.copy_(torch.arange(144, dtype=torch.uint8).view(3, 3, 4, 4))
+    labels.copy_(torch.tensor([5, 6, 7]))
+    ring.stamp(1, 2).fill_(9)
+    sent = RingBatch(ring.id, 1, 2, 9, (3, 3, 4, 4), ["a", "b", "c"])
+    got_images, got_labels, keys = pickle.loads(pickle.dumps(sent))
+    assert torch.equal(got_images, images) and got_images.data_ptr() == images.data_ptr()  # a view, not a copy
+    assert got_labels.tolist() == [5, 6, 7] and keys == ["a", "b", "c"]
+    ring.stamp(1, 2).fill_(9 + PREFETCH + 2)  # the worker came round again before batch 9 was read
+    with pytest.raises(RuntimeError, match="refilled ring slot 2"):
+        pickle.loads(pickle.dumps(sent))
