@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import random
 from typing import Callable
 
@@ -29,42 +28,19 @@ AUTO_AUGMENT = {
 
 class RandomResizedCropFlip:
     """v2.RandomResizedCrop(size, scale, antialias=True) then v2.RandomHorizontalFlip(): the same random draws and
-    the same pixels (tests/test_augment.py compares them), faster: decode + crop + flip take about three quarters of
-    the time they take with v2's transforms (benchmarks/bench_peers.py, part a0).
+    the same pixels (tests/test_augment.py compares them), faster (benchmarks/bench_peers.py, part a0).
 
     Where v2's time went: it hands the cropped *view* of the decoded image (HWC in memory) to `interpolate`, which
-    then takes its slower strided path for uint8, and its generic dispatch (input flattening, type checks) adds
-    Python work to every image. Here the small crop is copied to a contiguous channels-last block, so the resize
-    takes the vectorised uint8 path, and the box is drawn with torchvision's own calls in torchvision's order."""
+    then takes its slower strided path for uint8. Here the box comes from torchvision's own sampler, and the small
+    crop is copied to a contiguous channels-last block first, so the resize takes the vectorised uint8 path."""
 
-    def __init__(self, size: int, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3)):
-        self.size, self.scale, self.ratio = size, scale, ratio
-        self.log_ratio = torch.log(torch.tensor(ratio))
-
-    def crop_box(self, height: int, width: int) -> tuple[int, int, int, int]:
-        """(top, left, height, width): v2.RandomResizedCrop.make_params, draw for draw."""
-        area = height * width
-        for _ in range(10):
-            target_area = area * torch.empty(1).uniform_(self.scale[0], self.scale[1]).item()
-            aspect_ratio = torch.exp(torch.empty(1).uniform_(self.log_ratio[0], self.log_ratio[1])).item()
-            w = int(round(math.sqrt(target_area * aspect_ratio)))
-            h = int(round(math.sqrt(target_area / aspect_ratio)))
-            if 0 < w <= width and 0 < h <= height:
-                top = torch.randint(0, height - h + 1, size=(1,)).item()
-                left = torch.randint(0, width - w + 1, size=(1,)).item()
-                return top, left, h, w
-        # ten misses (an extreme aspect ratio): the centre crop of the nearest allowed ratio, as torchvision does
-        in_ratio = width / height
-        if in_ratio < min(self.ratio):
-            w, h = width, int(round(width / min(self.ratio)))
-        elif in_ratio > max(self.ratio):
-            w, h = int(round(height * max(self.ratio))), height
-        else:
-            w, h = width, height
-        return (height - h) // 2, (width - w) // 2, h, w
+    def __init__(self, size: int, scale: tuple[float, float]):
+        self.size = size
+        self.sampler = v2.RandomResizedCrop(size, scale=scale, antialias=True)
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        top, left, height, width = self.crop_box(*image.shape[-2:])
+        box = self.sampler.make_params([image])
+        top, left, height, width = box["top"], box["left"], box["height"], box["width"]
         crop = image.narrow(-2, top, height).narrow(-1, left, width).unsqueeze(0)
         crop = crop.contiguous(memory_format=torch.channels_last)
         if (height, width) != (self.size, self.size):  # v2 leaves an exact-size crop unresized, too
