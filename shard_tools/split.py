@@ -5,10 +5,11 @@
    (one sort); the distinct values are then linked by multi-index hashing: the hash is cut into k parts, and two
    hashes within d bits differ in at most d parts, so they agree exactly on some k - d of them (pigeonhole). For
    every choice of k - d parts (a key), values that agree on those bits land in one bucket, and only the pairs of a
-   bucket are compared. k is sized to the data, so that buckets stay small as n grows; pairs inside a bucket that
-   already belong to one group are never generated, which keeps dense clusters (dark photos, a burst of one scene)
-   from costing their size squared once per key. Two values share a key only if they agree on its first part, so
-   the keys are searched in partitions of the values cut by that part's top bits, small enough for the caches. In a
+   bucket are compared. k is sized to the data, so that buckets stay small as n grows. Most buckets hold one or two
+   values, and their pairs cost one numpy pass over the shared values; in the few big buckets (dense clusters: dark
+   photos, a burst of one scene) pairs inside a group already joined are never generated, which keeps them from
+   costing their size squared once per key. Two values share a key only if they agree on its first part, so the
+   keys are searched in partitions of the values cut by that part's top bits, small enough for the caches. In a
    partition a key costs one SIMD sort, and groups are joined in union-find forests whose merges cost the pairs
    joined, not the n values.
 2. Splitting: stratified per class and deterministic for a seed. Groups are visited in a seeded random order; a group
@@ -24,6 +25,7 @@ import numpy as np
 
 DEFAULT_MAX_DISTANCE = 5  # real photos: re-saved copies differ in 0-4 bits, the closest other shots in 5+, most in 10+
 PAIR_BLOCK = 1 << 20  # candidate pairs compared per numpy pass: bounds the memory of a big bucket
+SHORT_RUN = 8  # a bucket of up to this many values compares all its pairs; a bigger one only pairs across groups
 PARTITION = 1 << 17  # values searched together (see _link_close): their arrays fit in a core's caches
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: spreads a key's bits over the top bits of the product
 
@@ -33,13 +35,34 @@ def group_near_duplicates(hashes: np.ndarray, max_distance: int = DEFAULT_MAX_DI
     """Group id per item (the smallest index in its group) for uint64 `hashes`. `parts` forces k (see above; any
     k in max_distance..64 gives the same groups, k = max_distance compares all pairs); by default the cheapest."""
     hashes = np.asarray(hashes, dtype=np.uint64)
-    unique, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+    unique, first, inverse = distinct(hashes)
     labels = np.arange(len(unique))
     if max_distance > 0 and len(unique) > 1:
         labels = _link_close(unique, max_distance, parts)
     smallest = np.full(len(unique), len(hashes), dtype=np.int64)
     np.minimum.at(smallest, labels, first)  # a group is named by its first item, whatever the value order
     return smallest[labels][inverse.ravel()]
+
+
+def distinct(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """np.unique(hashes, return_index=True, return_inverse=True) for uint64 `hashes`, by one SIMD sort: each hash's
+    high bits and its index share a uint64, so the sort orders by value and, among equal values, by index. Only runs
+    whose high bits tie (equal values, or values that differ in the low bits alone) are sorted again, by value and
+    index. np.unique orders by a stable argsort of the 64-bit values: a merge sort, where np.sort of uint64 is SIMD."""
+    n = len(hashes)
+    bits = max(1, (n - 1).bit_length())
+    low = np.uint64((1 << bits) - 1)
+    order = (np.sort((hashes & ~low) | np.arange(n, dtype=np.uint64)) & low).astype(np.intp)
+    ordered = hashes[order]
+    tie = (ordered[1:] ^ ordered[:-1]) <= low  # equal high bits
+    tied = np.flatnonzero(np.r_[tie, False] | np.r_[False, tie])
+    if len(tied):  # runs sit in value order already: sorting all tied positions together sorts each run
+        by_value = np.lexsort((order[tied], ordered[tied]))
+        order[tied], ordered[tied] = order[tied][by_value], ordered[tied][by_value]
+    new = np.r_[True, ordered[1:] != ordered[:-1]]
+    inverse = np.empty(n, dtype=np.intp)
+    inverse[order] = np.cumsum(new) - 1
+    return ordered[new], order[new], inverse
 
 
 def choose_parts(n: int, max_distance: int) -> int:
@@ -88,11 +111,10 @@ def _link_close(values: np.ndarray, max_distance: int, parts: int | None) -> np.
     parts = choose_parts(n, max_distance) if parts is None else parts
     if not max_distance <= parts <= 64:
         raise ValueError(f"parts must be in {max_distance}..64, got {parts}")
-    parent = np.arange(n)  # union-find forest: a group's root is its smallest index and points at itself
+    roots = np.arange(n)  # a flat union-find forest: each value points at its group's root, the smallest index
     for part, masks in _keys_by_first_part(parts, max_distance).items():
-        labels = _flatten(parent)
         order, bounds = _partitions(values, part)
-        ordered_values, ordered_labels = values[order], labels[order]
+        ordered_values, ordered_labels = values[order], roots[order]
         child, root = [], []
         for start, stop in zip(bounds[:-1], bounds[1:]):
             if stop - start > 1:
@@ -101,50 +123,62 @@ def _link_close(values: np.ndarray, max_distance: int, parts: int | None) -> np.
                 child.append(order[start + moved])
                 root.append(order[start + to])
         if child:
-            _union(parent, np.concatenate(child), np.concatenate(root))
-    return _flatten(parent)
+            _union(roots, np.concatenate(child), np.concatenate(root))
+            roots = roots[roots]  # _union repoints roots only, to roots: one step flattens the forest again
+    return roots
 
 
 def _link_partition(values: np.ndarray, labels: np.ndarray, masks: list[np.uint64], max_distance: int):
     """Search one partition with `masks`, starting from the groups in `labels`; -> (moved, to): the positions whose
     group changed and a position of the group each joined."""
     _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
-    start = first[inverse]  # a forest of this partition's values in which each known group is already one tree
-    parent, labels = start.copy(), start
-    bits = max(1, math.ceil(math.log2(len(values))))  # of a position; a position and a group share a uint64 with
-    if 2 * bits > 62:                                 # the slot (see _shared_slots)
-        raise ValueError(f"{len(values)} distinct hashes in one partition: at most 2^31 are supported")
-    slot_bits = 64 - 2 * bits  # as many as fit: values that share a slot but not a key are compared for nothing
+    start = first[inverse]
+    parent = start.copy()  # a forest of this partition's values in which each known group is already one tree
+    bits = max(1, math.ceil(math.log2(len(values))))  # of a position, which shares a uint64 with the slot
+    if bits > 32:
+        raise ValueError(f"{len(values)} distinct hashes in one partition: at most 2^32 are supported")
+    position = np.arange(len(values), dtype=np.uint64)
     for mask in masks:
-        slots = ((values & mask) * _MIX) >> np.uint64(64 - slot_bits)
-        joined = False
-        for a, b in _candidate_pairs(*_shared_slots(slots, labels, bits)):
+        # as many slot bits as fit: values that share a slot but not a key are compared for nothing
+        slots = ((values & mask) * _MIX) >> np.uint64(bits)
+        for a, b in _candidate_pairs(np.sort((slots << np.uint64(bits)) | position), bits, parent):
             close = np.bitwise_count(values[a] ^ values[b]) <= max_distance
             if close.any():
-                _union(parent, labels[a[close]], labels[b[close]])
-                joined = True
-        if joined:  # most keys find only pairs that earlier keys joined already
-            labels = _flatten(parent)
+                _union(parent, a[close], b[close])
+    labels = _flatten(parent)
     moved = np.flatnonzero(labels != start)
     return moved, labels[moved]
 
 
-def _shared_slots(slots: np.ndarray, labels: np.ndarray, bits: int) -> tuple[np.ndarray, ...]:
-    """(position, slot, group) of every value whose slot holds another value too, sorted by (slot, group). One sort
-    of (slot, group, position) packed into a uint64 (`bits` each for group and position), which numpy sorts with
-    SIMD at a cost per value that barely grows with n; a count table of the slots, or a second sort of the shared
-    values by group, cost more per value as n grows (measured)."""
-    low = np.uint64((1 << bits) - 1)
-    packed = np.sort((slots << np.uint64(2 * bits)) | (labels.astype(np.uint64) << np.uint64(bits))
-                     | np.arange(len(slots), dtype=np.uint64))
-    sorted_slots = packed >> np.uint64(2 * bits)
-    same_as_next = sorted_slots[1:] == sorted_slots[:-1]
-    shared = np.r_[same_as_next, False] | np.r_[False, same_as_next]
-    packed = packed[shared]
-    return (packed & low).astype(np.intp), sorted_slots[shared], (packed >> np.uint64(bits)) & low
+def _candidate_pairs(packed: np.ndarray, bits: int, parent: np.ndarray):
+    """Pairs (a, b) of positions that share a slot, from `packed`: (slot, position) in one sorted uint64 each, the
+    position in the low `bits`. A value is paired with the next 1, 2, ... values of its slot's run, one numpy pass
+    per distance over the values that reach that far: most shared slots hold two values, so most of the work is one
+    pass over the shared ones. Runs longer than SHORT_RUN (a dense cluster: dark frames, a burst of one scene) go on
+    by their groups in the forest `parent`, which skips the pairs of a group already joined."""
+    same = np.zeros(len(packed), dtype=bool)  # same[i]: i and i + 1 share a slot (the last: False)
+    slot = packed >> np.uint64(bits)
+    np.equal(slot[1:], slot[:-1], out=same[:-1])
+    live = np.flatnonzero(same)
+    signed, low = packed.view(np.int64), (1 << bits) - 1
+    distance = 1
+    while len(live):
+        if distance == SHORT_RUN:
+            member = np.zeros(len(packed), dtype=bool)
+            member[(live[:, None] + np.arange(distance + 1)).ravel()] = True
+            chosen = signed[member]
+            idx, slot = chosen & low, slot[member]
+            group = _find(parent, idx)
+            order = np.lexsort((group, slot))
+            yield from _pairs_across_groups(idx[order], slot[order], group[order])
+            return
+        partner = live + distance
+        yield signed[live] & low, signed[partner] & low
+        live = live[same[partner]]
+        distance += 1
 
 
-def _candidate_pairs(idx: np.ndarray, s: np.ndarray, g: np.ndarray):
+def _pairs_across_groups(idx: np.ndarray, s: np.ndarray, g: np.ndarray):
     """Pairs (a, b) of positions `idx` in one slot `s` whose groups `g` differ (all sorted by slot, then group), in
     blocks of about PAIR_BLOCK pairs. A value's partners are the positions from the end of its group to the end of
     its slot's run, so a slot whose values already form one group yields nothing."""
@@ -177,6 +211,10 @@ def _union(parent: np.ndarray, u: np.ndarray, v: np.ndarray) -> None:
     """Join the groups of u[i] and v[i] in the forest `parent`; each joined group's root is its smallest root. Costs
     the size of u and v, not of the forest (relabelling every value after each merge cost O(n) per block of pairs)."""
     ru, rv = _find(parent, u), _find(parent, v)
+    differ = ru != rv  # most pairs a later key finds are joined already
+    if not differ.any():
+        return
+    ru, rv = ru[differ], rv[differ]
     roots, inverse = np.unique(np.concatenate([ru, rv]), return_inverse=True)
     parent[roots] = roots[_components(inverse[: len(ru)], inverse[len(ru):], len(roots))]
 

@@ -288,12 +288,15 @@ def _hash_set(kind: str, rng) -> np.ndarray:
     return np.concatenate([base, np.array(noisy, dtype=np.uint64)])
 
 
+@pytest.mark.parametrize("short_run", [8, 2], ids=["runs-pair-by-pair", "runs-by-groups"])
 @pytest.mark.parametrize("partition", [1 << 17, 16], ids=["one-partition", "partitions-of-16"])
 @pytest.mark.parametrize("kind", ["random", "clustered", "shared-band"])
-def test_grouping_equals_all_pairs_comparison(kind, partition, monkeypatch):
+def test_grouping_equals_all_pairs_comparison(kind, partition, short_run, monkeypatch):
     # small partitions: the path that millions of hashes take (each key searched within the values that agree on
-    # the top bits of the key's first part), on sets small enough for the all-pairs reference
+    # the top bits of the key's first part), on sets small enough for the all-pairs reference. SHORT_RUN = 2 sends
+    # every slot of 3+ values down the path by groups, which the default leaves to dense clusters
     monkeypatch.setattr(split, "PARTITION", partition)
+    monkeypatch.setattr(split, "SHORT_RUN", short_run)
     rng = np.random.default_rng(["random", "clustered", "shared-band"].index(kind))
     hashes = _hash_set(kind, rng)
     hashes = hashes[rng.permutation(len(hashes))]
@@ -322,6 +325,18 @@ def test_grouping_of_a_dense_cluster_compares_blocks_of_pairs(partition, monkeyp
     base = rng.integers(0, 2**64, 300, dtype=np.uint64)
     pairs = np.concatenate([base, base ^ np.uint64(1 << 9)])
     assert group_near_duplicates(pairs, 5, parts=5).tolist() == list(range(300)) * 2
+
+
+def test_distinct_equals_numpy_unique():
+    rng = np.random.default_rng(7)
+    close_below = rng.integers(0, 2**64, 3000, dtype=np.uint64) & ~np.uint64(0xFFF) | np.arange(3000, dtype=np.uint64) % 6
+    for hashes in (np.array([9], dtype=np.uint64), np.array([3, 3, 1, 3, 0, 1, 2**64 - 1], dtype=np.uint64),
+                   rng.integers(0, 40, 2000).astype(np.uint64),  # every value tied, many copies of each
+                   close_below,  # values that differ only in the bits the sort keeps for the index
+                   np.concatenate([rng.integers(0, 2**64, 5000, dtype=np.uint64), np.zeros(500, dtype=np.uint64)])):
+        hashes = hashes[rng.permutation(len(hashes))]
+        for got, expected in zip(split.distinct(hashes), np.unique(hashes, return_index=True, return_inverse=True)):
+            assert np.array_equal(got, expected)
 
 
 def test_split_is_stratified_deterministic_and_keeps_groups_whole():
