@@ -50,6 +50,8 @@ def distinct(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     whose high bits tie (equal values, or values that differ in the low bits alone) are sorted again, by value and
     index. np.unique orders by a stable argsort of the 64-bit values: a merge sort, where np.sort of uint64 is SIMD."""
     n = len(hashes)
+    if n == 0:
+        return hashes.copy(), np.zeros(0, dtype=np.intp), np.zeros(0, dtype=np.intp)
     bits = max(1, (n - 1).bit_length())
     low = np.uint64((1 << bits) - 1)
     order = (np.sort((hashes & ~low) | np.arange(n, dtype=np.uint64)) & low).astype(np.intp)

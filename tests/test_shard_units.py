@@ -330,13 +330,15 @@ def test_grouping_of_a_dense_cluster_compares_blocks_of_pairs(partition, monkeyp
 def test_distinct_equals_numpy_unique():
     rng = np.random.default_rng(7)
     close_below = rng.integers(0, 2**64, 3000, dtype=np.uint64) & ~np.uint64(0xFFF) | np.arange(3000, dtype=np.uint64) % 6
-    for hashes in (np.array([9], dtype=np.uint64), np.array([3, 3, 1, 3, 0, 1, 2**64 - 1], dtype=np.uint64),
+    for hashes in (np.array([], dtype=np.uint64), np.array([9], dtype=np.uint64),
+                   np.array([3, 3, 1, 3, 0, 1, 2**64 - 1], dtype=np.uint64),
                    rng.integers(0, 40, 2000).astype(np.uint64),  # every value tied, many copies of each
                    close_below,  # values that differ only in the bits the sort keeps for the index
                    np.concatenate([rng.integers(0, 2**64, 5000, dtype=np.uint64), np.zeros(500, dtype=np.uint64)])):
         hashes = hashes[rng.permutation(len(hashes))]
         for got, expected in zip(split.distinct(hashes), np.unique(hashes, return_index=True, return_inverse=True)):
             assert np.array_equal(got, expected)
+    assert group_near_duplicates(np.array([], dtype=np.uint64)).tolist() == []
 
 
 def test_split_is_stratified_deterministic_and_keeps_groups_whole():
