@@ -40,7 +40,7 @@ class BatchRing:
         self.labels_at = -(-self.capacity // 8) * 8  # int64 labels need an 8-byte aligned offset
         self.stamp_at = self.labels_at + 8 * batch_size
         self.memory = torch.empty((workers, count, self.stamp_at + 8), dtype=torch.uint8)
-        self.memory.share_memory_()  # pages are only taken as slots are first filled
+        self.memory.share_memory_()  # all of it, now: share_memory_ copies the tensor into a new shared block
         self.count, self.batch_size, self.turn = count, batch_size, 0
         self.id = uuid.uuid4().hex
         _RINGS[self.id] = self
