@@ -5,11 +5,12 @@
 
 The photos: --copies copies of mushvision4's 160 px photos (1,694 x 8 = 13,552), linked into a temporary folder at
 run time. Every format stores the JPEG files byte for byte (`build --size 256` passes them through) and every reader
-does the same work on them: torchvision `decode_jpeg` + RandomResizedCrop(--crop) + flip (distributed_train's own
-`Preprocess`), batches of --batch-size, one DataLoader worker, one torch thread.
+does the same work on them: a JPEG decode (torchvision's, libjpeg-turbo) + RandomResizedCrop(--crop) + flip
+(distributed_train's own `Preprocess`), batches of --batch-size, one DataLoader worker, one torch thread.
 
-(a0) Decode + crop + flip per image in one process: torchvision's v2.RandomResizedCrop + v2.RandomHorizontalFlip vs
-    the trainer's RandomResizedCropFlip (same draws, same pixels). Every reader in (a) uses the latter.
+(a0) Decode + crop + flip per image in one process: torchvision's decode_jpeg + v2.RandomResizedCrop +
+    v2.RandomHorizontalFlip vs the trainer's `Preprocess` (decode_rgb, the op under decode_jpeg without its wrapper,
+    + RandomResizedCropFlip: same pixels, same draws), and each decode alone. Every reader in (a) uses `Preprocess`.
 (a) Read, images/s per worker: ours (`distributed_train.data.train_loader`, reading by the shards' sample index,
     batches in reused shared-memory buffers as the trainer streams them; also shown with a fresh batch each time) vs
     LitData `StreamingDataset` + `StreamingDataLoader` (after `litdata.optimize`), MosaicML `StreamingDataset` (MDS,
@@ -33,14 +34,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import multiprocessing
 import importlib.abc
 import importlib.machinery
+import multiprocessing
 import statistics
 import sys
 import tempfile
 import time
 import types
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -48,7 +50,7 @@ import torch
 from distributed_train.augment import RandomResizedCropFlip
 from distributed_train.batches import RunData
 from distributed_train.config import Config
-from distributed_train.data import Preprocess, eval_loader, normalize, train_loader
+from distributed_train.data import Preprocess, decode_rgb, eval_loader, normalize, train_loader
 from distributed_train.dist import DistContext
 from distributed_train.model import build_model
 from shard_tools.build import build_dataset
@@ -225,7 +227,8 @@ def bench_read(readers: dict, rounds: int, warmup: int, window: int, target: boo
 def fixed_preprocess(crop: int):
     """Every reader's decode + augment replaced by a copy of one ready image: what remains is the loaders' own cost
     (reading, shuffling, batching, sending the batch to the training process)."""
-    image = torch.zeros(3, crop, crop, dtype=torch.uint8)
+    # channels-last in memory, as RandomResizedCropFlip leaves its crops
+    image = torch.zeros(1, 3, crop, crop, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)[0]
     original = Preprocess.__call__
     Preprocess.__call__ = lambda self, jpeg: image.clone()
     try:
@@ -247,31 +250,69 @@ def bench_loader_cost(scratch: Path, batch_size: int, crop: int, rounds: int, wa
 
 
 def bench_preprocess(images: Path, crop: int, rounds: int) -> float:
-    """Decode + crop + flip per image in this process: torchvision's v2 transforms vs the trainer's
-    RandomResizedCropFlip (the same draws and pixels, tests/test_augment.py), taking turns."""
+    """Decode + crop + flip per image in this process, taking turns: torchvision's decode_jpeg + v2 transforms vs
+    what every reader in (a) runs (`Preprocess`: data.decode_rgb + RandomResizedCropFlip; the same draws and pixels,
+    tests/test_augment.py and tests/test_data.py), and each decode alone."""
     from torchvision.io import ImageReadMode, decode_jpeg
     from torchvision.transforms import v2
 
     jpegs = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in sorted(images.iterdir())[:1000]]
-    contenders = {
-        "torchvision v2": v2.Compose([v2.RandomResizedCrop(crop, scale=(0.25, 1.0), antialias=True),
-                                      v2.RandomHorizontalFlip()]),
-        "RandomResizedCropFlip": RandomResizedCropFlip(crop, (0.25, 1.0)),
+    torchvision_decode = partial(decode_jpeg, mode=ImageReadMode.RGB)
+    contenders = {  # name: (decode, transform)
+        "torchvision v2": (torchvision_decode, v2.Compose([
+            v2.RandomResizedCrop(crop, scale=(0.25, 1.0), antialias=True), v2.RandomHorizontalFlip()])),
+        "ours (Preprocess)": (decode_rgb, RandomResizedCropFlip(crop, (0.25, 1.0))),
+        "decode_jpeg only": (torchvision_decode, None),
+        "decode_rgb only": (decode_rgb, None),
     }
     micros = {name: [] for name in contenders}
     for r in range(rounds):
-        for name, transform in contenders.items():
+        for name, (decode, transform) in contenders.items():
             torch.manual_seed(r)
             start = time.perf_counter()
             for data in jpegs:
-                transform(decode_jpeg(data, mode=ImageReadMode.RGB))
+                image = decode(data)
+                if transform is not None:
+                    transform(image)
             micros[name].append((time.perf_counter() - start) / len(jpegs) * 1e6)
     medians = {name: statistics.median(values) for name, values in micros.items()}
     for name, value in medians.items():
         print(f"  {name:<22s} {value:6.0f} us per image (median of {rounds} rounds over {len(jpegs)} photos)")
-    ours, theirs = medians["RandomResizedCropFlip"], medians["torchvision v2"]
-    print(f"  => decode + crop + flip in {ours / theirs:.2f}x the time of torchvision's v2 transforms")
+    bench_parts(crop, [decode_rgb(data).shape[-2:] for data in jpegs], rounds)
+    ours, theirs = medians["ours (Preprocess)"], medians["torchvision v2"]
+    crop_ours, crop_theirs = ours - medians["decode_rgb only"], theirs - medians["decode_jpeg only"]
+    print(f"  => decode + crop + flip in {ours / theirs:.2f}x the time of torchvision's; the decode in "
+          f"{medians['decode_rgb only'] / medians['decode_jpeg only']:.2f}x, crop + flip in "
+          f"{crop_ours / crop_theirs:.2f}x")
     return ours
+
+
+def bench_parts(crop: int, sizes: list, rounds: int) -> None:
+    """Where RandomResizedCropFlip and the ring save time: the box drawn, and a batch of channels-last crops put
+    together, us per image (medians of `rounds`)."""
+    from torchvision.transforms import v2
+
+    theirs = v2.RandomResizedCrop(crop, scale=(0.25, 1.0), antialias=True)
+    ours = RandomResizedCropFlip(crop, (0.25, 1.0))
+    images = [torch.empty(1, 3, h, w, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)[0]
+              for h, w in sizes]
+    crops = [torch.randint(0, 256, (1, 3, crop, crop), dtype=torch.uint8).contiguous(
+        memory_format=torch.channels_last)[0] for _ in range(64)]  # channels-last, as the crops come out
+    nchw, nhwc = torch.empty(64, 3, crop, crop, dtype=torch.uint8), torch.empty(64, crop, crop, 3, dtype=torch.uint8)
+    parts = {
+        "box: v2 make_params": (lambda: [theirs.make_params([image]) for image in images], len(images)),
+        "box: RandomResizedCropFlip.box": (lambda: [ours.box(*image.shape[-2:]) for image in images], len(images)),
+        "batch of 64: stacked into NCHW": (lambda: torch.stack(crops, out=nchw), len(crops)),
+        "batch of 64: copied into NHWC (ring)": (lambda: torch.stack([c.permute(1, 2, 0) for c in crops], out=nhwc),
+                                                 len(crops)),
+    }
+    for name, (run, count) in parts.items():
+        times = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - start) / count * 1e6)
+        print(f"    {name:<38s} {statistics.median(times):6.1f} us per image")
 
 
 # ---- (c) the first step of an epoch ------------------------------------------------------------------------------

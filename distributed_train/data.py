@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
-from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.io import ImageReadMode
 from torchvision.transforms import v2
 
 from distributed_train.augment import seeded_cpu_rng, train_transform
@@ -156,8 +156,14 @@ class Preprocess:
 
     def __call__(self, jpeg: bytes) -> torch.Tensor:
         # bytearray: decode_jpeg wants a writable buffer; the copy is a few KB
-        image = decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        return self.transform(image)
+        return self.transform(decode_rgb(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8)))
+
+
+def decode_rgb(data: torch.Tensor) -> torch.Tensor:
+    """JPEG bytes (a uint8 CPU tensor) -> uint8 RGB CHW: decode_jpeg(data, mode=ImageReadMode.RGB), through the op it
+    wraps. The wrapper logs API usage and issues its deprecation warning on every call, ~20 us of the ~260 us a 160 px
+    photo takes (benchmarks/bench_peers.py, a0); tests/test_data.py checks that the two agree."""
+    return torch.ops.image.decode_jpeg(data, ImageReadMode.RGB.value, False)  # False: no EXIF rotation, as its default
 
 
 class SlotStream(IterableDataset):

@@ -39,6 +39,8 @@ def test_crop_and_flip_equal_torchvisions_draw_for_draw(size, scale):
     for seed in range(3):
         (want, want_next), (got, got_next) = draw(reference, seed), draw(ours, seed)
         assert all(torch.equal(a, b) for a, b in zip(want, got)) and len(want) == len(got)
+        assert all(image.unsqueeze(0).is_contiguous(memory_format=torch.channels_last) for image in got), \
+            "crops stay channels-last, as the ring's slots hold them"
         assert torch.equal(want_next, got_next), "the generator must be left where torchvision leaves it"
 
 

@@ -55,7 +55,8 @@ def test_grouping_profile_and_change_scripts_run_on_a_small_size():
 
 
 def test_bench_peers_preprocess_part_runs_without_the_peers(tmp_path):
-    """(a0) of bench_peers.py, the part that needs no peer installed: torchvision's v2 crop vs ours on a few JPEGs."""
+    """(a0) of bench_peers.py, the part that needs no peer installed: torchvision's decode + v2 crop vs ours on a few
+    JPEGs, and its parts."""
     import torch
     from torchvision.io import encode_jpeg
     for i in range(4):
@@ -64,4 +65,6 @@ def test_bench_peers_preprocess_part_runs_without_the_peers(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO / "benchmarks", env=python_env(),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "torchvision v2" in result.stdout and "x the time of torchvision's v2 transforms" in result.stdout
+    for expect in ("torchvision v2", "ours (Preprocess)", "decode_rgb only", "box: RandomResizedCropFlip.box",
+                   "copied into NHWC (ring)", "x the time of torchvision's; the decode in"):
+        assert expect in result.stdout, expect

@@ -8,6 +8,7 @@ import pickle
 import re
 import time
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ import torch
 from distributed_train.batches import RunData
 from distributed_train.config import Config
 from distributed_train.batch_ring import PREFETCH, BatchRing, RingBatch
-from distributed_train.data import (EpochCursor, Piece, PieceReader, batches_before, cut_ranges, eval_loader,
+from distributed_train.data import (EpochCursor, Piece, PieceReader, batches_before, cut_ranges, decode_rgb, eval_loader,
                                     TrainStream, even_split, run_train_loader, train_batches_per_rank, train_loader)
 from distributed_train.dist import DistContext
 from shard_tools.manifest import Manifest, ShardInfo
@@ -184,6 +185,7 @@ def test_ring_slots_keep_each_batch_until_the_next_but_one_is_asked_for(uneven_s
         held = held[-1:] + [(images, images.clone())]
         slots.add(images.data_ptr())
         assert images.shape == (4, 3, 24, 24) and labels.dtype == torch.int64 and labels.shape == (4,)
+        assert images.is_contiguous(memory_format=torch.channels_last), "ring batches are NHWC in memory"
         time.sleep(0.01)  # the workers fill their queue meanwhile
         for batch, on_arrival in held:
             assert torch.equal(batch, on_arrival), "a held batch was overwritten by a later one"
@@ -227,6 +229,36 @@ def test_run_data_starts_the_next_epoch_ahead_and_resumes_mid_epoch(uneven_shard
         assert epoch_keys(3, 7) == fresh_keys(3, 7)  # asked for something else: the run ahead is dropped
     finally:
         data.close()
+
+
+def test_decode_rgb_is_torchvisions_decode_jpeg_without_its_wrapper():
+    """The loaders call the op under torchvision.io.decode_jpeg directly (data.decode_rgb): same pixels for colour
+    and greyscale JPEGs, and the same error for damaged ones, which the loader reports per sample."""
+    from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
+
+    torch.manual_seed(0)
+    for image in [torch.randint(0, 256, (3, 37, 50), dtype=torch.uint8), torch.randint(0, 256, (1, 20, 9),
+                                                                                            dtype=torch.uint8)]:
+        data = encode_jpeg(image, quality=90)
+        assert torch.equal(decode_rgb(data), decode_jpeg(data, mode=ImageReadMode.RGB))
+        assert decode_rgb(data).shape == (3, *image.shape[1:])
+        with pytest.raises(RuntimeError):
+            decode_rgb(data[: len(data) // 2])
+        with pytest.raises(RuntimeError):
+            decode_jpeg(data[: len(data) // 2], mode=ImageReadMode.RGB)
+
+
+def test_the_ring_stacks_images_of_either_layout_into_channels_last_slots(monkeypatch):
+    """The crops arrive channels-last (augment.py) but --auto-augment may hand over plain CHW tensors: both land in
+    the slot as torch.stack would stack them, and the batch is channels-last in memory."""
+    monkeypatch.setattr("distributed_train.batch_ring.get_worker_info", lambda: SimpleNamespace(id=1))
+    ring = BatchRing(workers=2, batch_size=3, max_size=5)
+    plain = [torch.randint(0, 256, (3, 5, 4), dtype=torch.uint8) for _ in range(3)]
+    mixed = [plain[0], plain[1].unsqueeze(0).contiguous(memory_format=torch.channels_last)[0], plain[2]]
+    assert not mixed[1].is_contiguous()
+    images, labels, keys = pickle.loads(pickle.dumps(ring.put(mixed, [2, 0, 1], ["a", "b", "c"])))
+    assert torch.equal(images, torch.stack(plain)) and labels.tolist() == [2, 0, 1] and keys == ["a", "b", "c"]
+    assert images.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_a_ring_batch_unpickles_as_views_of_the_ring_and_refuses_a_refilled_slot():
