@@ -29,7 +29,7 @@ AUTO_AUGMENT = {
 
 class RandomResizedCropFlip:
     """v2.RandomResizedCrop(size, scale, antialias=True) then v2.RandomHorizontalFlip(): the same random draws and
-    the same pixels (tests/test_augment.py compares them), the crop + flip in half the time (~170 against ~350 us
+    the same pixels (tests/test_augment.py compares them), the crop + flip in half the time (~160 against ~340 us
     for a 160 px photo; benchmarks/bench_peers.py, part a0).
 
     Where v2's time went:
@@ -43,6 +43,7 @@ class RandomResizedCropFlip:
     def __init__(self, size: int, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3)):
         self.size, self.scale, self.ratio = size, scale, ratio
         self.log_ratio = torch.log(torch.tensor(ratio)).tolist()  # float32 values, as v2 draws between them
+        # where box() draws: one transform per process (DataLoader workers), not shared between threads
         self.uniform, self.integer = torch.empty(1), torch.empty(1, dtype=torch.int64)
 
     def box(self, height: int, width: int) -> tuple[int, int, int, int]:
