@@ -29,8 +29,8 @@ AUTO_AUGMENT = {
 
 class RandomResizedCropFlip:
     """v2.RandomResizedCrop(size, scale, antialias=True) then v2.RandomHorizontalFlip(): the same random draws and
-    the same pixels (tests/test_augment.py compares them), the crop + flip in half the time (~160 against ~340 us
-    for a 160 px photo; benchmarks/bench_peers.py, part a0).
+    the same pixels (tests/test_augment.py compares them), the crop + flip in half the time (0.46-0.47x for 160 px
+    photos; benchmarks/bench_peers.py, part a0).
 
     Where v2's time went:
     - its sampler, ~40 us per image in Python and on fresh one-element tensors; `box` draws the same numbers from the

@@ -9,7 +9,7 @@ benchmarks/bench_peers.py shows the difference ("ours" vs "ours, fresh batches")
 
 The slots keep images channels-last (N, H, W, C in memory) as the augmentation leaves them (augment.py) and the
 trainer's channels-last model takes them, so neither side transposes: stacking channels-last crops into an NCHW
-batch, as the stock collate does, took ~20 us per 112 px image, 8x a plain copy.
+batch, as the stock collate does, took ~25 us per 112 px image, 6-8x a plain copy (benchmarks/bench_peers.py, a0).
 
 Why reusing slots is safe: the DataLoader asks a worker for its batch k only when it hands out that worker's batch
 k - PREFETCH. With PREFETCH + 2 slots, batch k overwrites batch k - PREFETCH - 2, two batches behind the one being

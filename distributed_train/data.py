@@ -155,7 +155,7 @@ class Preprocess:
             ])
 
     def __call__(self, jpeg: bytes) -> torch.Tensor:
-        # bytearray: decode_jpeg wants a writable buffer; the copy is a few KB
+        # bytearray: torch.frombuffer wants a writable buffer; the copy is a few KB
         return self.transform(decode_rgb(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8)))
 
 

@@ -16,8 +16,9 @@ import torch
 from distributed_train.batches import RunData
 from distributed_train.config import Config
 from distributed_train.batch_ring import PREFETCH, BatchRing, RingBatch
-from distributed_train.data import (EpochCursor, Piece, PieceReader, batches_before, cut_ranges, decode_rgb, eval_loader,
-                                    TrainStream, even_split, run_train_loader, train_batches_per_rank, train_loader)
+from distributed_train.data import (EpochCursor, Piece, PieceReader, TrainStream, batches_before, cut_ranges,
+                                    decode_rgb, eval_loader, even_split, run_train_loader, train_batches_per_rank,
+                                    train_loader)
 from distributed_train.dist import DistContext
 from shard_tools.manifest import Manifest, ShardInfo
 from shard_tools.errors import ShardReadError, one_line as error_line
