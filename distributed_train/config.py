@@ -86,6 +86,9 @@ class Config:
     precision: str = _opt("auto", "auto: bf16 on bf16 GPUs, fp16 on older ones; on CPUs bf16 with AVX512-BF16/AMX "
                                   "units, else fp32", choices=("auto", "bf16", "fp16", "fp32"))
     compile: bool = _opt(False, "torch.compile the model")
+    compile_mode: str = _opt("default", "torch.compile mode with --compile; reduce-overhead replays each step's "
+                                        "kernels as CUDA graphs (fewer launches from the host)",
+                             choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"))
     channels_last: str = _opt("auto", "channels_last memory format (auto: on)", choices=("auto", "on", "off"))
     sync_bn: bool = _opt(False, "SyncBatchNorm across GPUs (CUDA only)")
     workers: int = _opt(-1, "DataLoader worker processes per rank (-1: auto: on a GPU the rank's share of the CPU "
@@ -189,8 +192,10 @@ def cpu_has_bf16() -> bool:
 
 
 def auto_workers(device, cores: int, local_ranks: int) -> int:
-    """--workers -1. A GPU needs every core it can get for decoding, less one for the training loop (at most 8, where
-    more stop paying off); on a CPU the cores are better spent on the model (see train.configure_torch)."""
+    """--workers -1. A GPU needs every core it can get for decoding, less one for the training loop, up to 8: on an
+    H200 one worker decoded and cropped 936-953 images/s (224 px from 256 px JPEGs), so 8 make ~7,500, above the
+    compiled ResNet-50 step's 6,700-7,100 there (BENCHMARKS.md, GPU session 12). On a CPU the cores are better spent
+    on the model (see train.configure_torch)."""
     if device.type != "cuda":
         return 4
     return max(1, min(8, cores // local_ranks - 1))

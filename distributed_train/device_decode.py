@@ -1,12 +1,12 @@
 """`--decode device`: decode and augment the training JPEGs on the training device instead of in DataLoader workers.
 
 The workers then read the shards, draw each image's crop and flip, and send each batch's JPEG bytes as one block
-(`EncodedBatch`), decoding nothing; the training
-process decodes the whole batch at once with nvJPEG (`torchvision.io.decode_jpeg(list, device="cuda")`, which uses
-the GPU's hardware JPEG engines where it has them) and crops, resizes and flips on the GPU, a batch ahead on a
-background thread. For GPUs with few CPU cores each; the crops are still launched image by image from Python, which
-costs host time per batch (BENCHMARKS.md has the measurements). On a CPU-only run the same code decodes in the
-training process (for tests, not for speed; the trainer warns).
+(`EncodedBatch`), decoding nothing. The training process decodes the whole batch at once with nvJPEG
+(`torchvision.io.decode_jpeg(list, device="cuda")`) and crops, resizes and flips it on the GPU in a few kernels
+(`crop_batch`), a batch ahead on a background thread. Meant for GPUs with few CPU cores each: two workers pack far
+more images than a GPU trains on, but the decoding then shares the GPU with training, and on an H200 the trainer
+waited for data 80% of the time where 12 decoding workers kept it waiting 1% (BENCHMARKS.md, GPU session 12). On a
+CPU-only run the same code decodes in the training process (for tests, not for speed; the trainer warns).
 
 The augmentation is the workers' (RandomResizedCrop + horizontal flip, same parameters), drawn in the worker from
 the batch's own seed, so a resumed run draws the same crops; it is not bit-identical to the workers' path (another
@@ -22,9 +22,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision import transforms
 from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.ops import roi_align
 
+from distributed_train.augment import RandomResizedCropFlip
 from shard_tools.errors import damaged_sample
 
 ASPECT_RATIOS = (3 / 4, 4 / 3)  # RandomResizedCrop's default, as in the workers' path
@@ -54,13 +55,14 @@ class UnreadableJPEG(Exception):
 def pack_jpegs(jpegs: list[bytes], crop_scale: tuple[float, float], urls: tuple = (), size: int = 0) -> EncodedBatch:
     """Draws each image's crop and flip from torch's random state, as the transforms of the workers' path do (the
     caller seeds it per batch)."""
+    sampler = RandomResizedCropFlip(size, crop_scale, ASPECT_RATIOS)  # its box(): RandomResizedCrop's draws, faster
     boxes = []
     for index, jpeg in enumerate(jpegs):
         try:
-            header = Image.open(io.BytesIO(jpeg))  # reads the header only: the size RandomResizedCrop needs
+            width, height = Image.open(io.BytesIO(jpeg)).size  # reads the header only: the size the crop needs
         except Exception as e:  # PIL signals a damaged header with several exception types
             raise UnreadableJPEG(index, e) from None
-        boxes.append(transforms.RandomResizedCrop.get_params(header, crop_scale, ASPECT_RATIOS))
+        boxes.append(sampler.box(height, width))
     flips = torch.rand(len(jpegs)) < 0.5
     data = torch.frombuffer(bytearray(b"".join(jpegs)), dtype=torch.uint8)
     return EncodedBatch(data, torch.tensor([len(j) for j in jpegs]), torch.tensor(boxes), flips, tuple(urls),
@@ -93,14 +95,56 @@ class DeviceAugment:
     def decode_and_augment(self, batch: EncodedBatch) -> torch.Tensor:
         jpegs = list(torch.split(batch.data, batch.lengths.tolist()))  # views into the one block, no copies
         images = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self.device)
-        out, size = [], batch.size or self.size
-        for image, (top, left, height, width), flip in zip(images, batch.boxes.tolist(), batch.flips.tolist()):
-            crop = image[:, top:top + height, left:left + width]
-            if flip:
-                crop = crop.flip(-1)
-            out.append(F.interpolate(crop[None].float(), size=(size, size), mode="bilinear",
-                                     antialias=True, align_corners=False))
-        return torch.cat(out)
+        return crop_batch(images, batch.boxes, batch.flips, batch.size or self.size)
+
+
+def crop_batch(images: list[torch.Tensor], boxes: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (3, H, W) images of any sizes -> float (N, 3, size, size): each image's crop box resized to size x size
+    and flipped where `flips` says, for the whole batch in a few kernels, whatever its size.
+
+    The resize is one `roi_align` call over the padded batch. It averages ceil(box / size) x ceil(box / size)
+    bilinear samples per output pixel (a box filter over the source pixels an output pixel covers), close to the
+    antialiased resize of `crop_each`, and plain bilinear interpolation for upscales. The flips are one gather.
+    """
+    device = images[0].device
+    n = len(images)
+    columns = torch.arange(size, device=device).expand(n, size)
+    columns = torch.where(flips.to(device)[:, None], columns.flip(1), columns)
+    top, left, height, width = boxes.to(device, torch.float32).unbind(1)
+    rois = torch.stack([torch.arange(n, device=device, dtype=torch.float32), left, top, left + width, top + height], 1)
+    out = roi_align(pad_to_batch(images).float(), rois, output_size=size, sampling_ratio=-1, aligned=True)
+    return out.gather(3, columns[:, None, None, :].expand_as(out))
+
+
+def pad_to_batch(images: list[torch.Tensor]) -> torch.Tensor:
+    """uint8 (3, H, W) images -> one (N, 3, max H, max W) batch. Each image's last row and column fill its padding:
+    `roi_align` interpolates between an image's last pixel and the one past it for samples near its bottom or
+    right edge, which must then be the edge pixel again (as `F.interpolate` clamps), not padding."""
+    sizes = [image.shape[1:] for image in images]
+    batch = images[0].new_empty((len(images), 3, max(h for h, _ in sizes), max(w for _, w in sizes)))
+    for i, (image, (h, w)) in enumerate(zip(images, sizes)):
+        batch[i, :, :h, :w] = image
+    if all(size == batch.shape[2:] for size in sizes):
+        return batch
+    heights, widths = torch.tensor(sizes, device=batch.device).unbind(1)
+    rows = torch.minimum(torch.arange(batch.shape[2], device=batch.device), heights[:, None] - 1)
+    cols = torch.minimum(torch.arange(batch.shape[3], device=batch.device), widths[:, None] - 1)
+    batch = batch.gather(2, rows[:, None, :, None].expand_as(batch))
+    return batch.gather(3, cols[:, None, None, :].expand_as(batch))
+
+
+def crop_each(images: list[torch.Tensor], boxes: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
+    """What `crop_batch` does, image by image: crop, flip and an antialiased bilinear resize (as the workers' path
+    does, in float). Four small kernels per image launched from Python; the reference the tests and bench_gpu.py
+    compare `crop_batch` with."""
+    out = []
+    for image, (top, left, height, width), flip in zip(images, boxes.tolist(), flips.tolist()):
+        crop = image[:, top:top + height, left:left + width]
+        if flip:
+            crop = crop.flip(-1)
+        out.append(F.interpolate(crop[None].float(), size=(size, size), mode="bilinear", antialias=True,
+                                 align_corners=False))
+    return torch.cat(out)
 
 
 def hand_over(images: torch.Tensor, ready: torch.cuda.Event | None) -> torch.Tensor:

@@ -9,18 +9,25 @@ from conftest import REPO, python_env
 def test_bench_gpu_script_runs_every_part_on_the_cpu(tmp_path):
     out = tmp_path / "results.json"
     command = [sys.executable, "bench_gpu.py", "--device", "cpu", "--width", "0.125", "--batch-size", "8",
-               "--image-size", "32", "--configs", "fp32,bf16 + channels_last", "--warmup", "1", "--steps", "1",
-               "--rounds", "2", "--unique", "10", "--size", "64", "--e2e-warmup", "2", "--e2e-steps", "4",
-               "--log-every", "2", "--runs", "workers:1,synthetic", "--out", str(out),
-               "--workdir", str(tmp_path)]
+               "--image-size", "32", "--configs", "fp32,bf16 + channels_last,bf16 + channels_last@4", "--warmup", "1",
+               "--steps", "1", "--rounds", "2", "--e2e-rounds", "2", "--unique", "10", "--size", "64",
+               "--e2e-warmup", "2", "--e2e-steps", "4", "--log-every", "2", "--loaders", "workers:1,device:1",
+               "--runs", "workers:1,synthetic", "--out", str(out), "--workdir", str(tmp_path)]
     result = subprocess.run(command, cwd=REPO / "benchmarks", env=python_env(), capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
-    # against the workers' path (another decoder, a uint8 resize): close, but not the same pixels
+    # the batched crops against the workers' path (another decoder, a uint8 resize) and the per-image crops
     check = report["device_decode_check"]
-    assert check["repeatable"] and 0 < check["mean_abs_diff"] < 2 and check["p99_abs_diff"] < 20, check
-    assert [r["config"] for r in report["model_only"]] == ["fp32", "bf16 + channels_last"]
+    assert check["repeatable"], check
+    for reference in ("vs_workers_path", "vs_crop_each"):
+        assert 0 < check[reference]["mean_abs_diff"] < 2 and check[reference]["p99_abs_diff"] < 20, check
+    assert all(check[k] > 0 for k in ("decode_ms", "decode_crop_each_ms", "decode_crop_batch_ms"))
+    # the loaders alone: 10x the prefetch queue (1 worker x 4) after the first batch
+    assert [(r["run"], r["batches"]) for r in report["loaders"]] == [("workers:1", 40), ("device:1", 40)]
+    assert all(r["per_worker"] > 0 for r in report["loaders"])
+    assert [r["config"] for r in report["model_only"]] == ["fp32@8", "bf16 + channels_last@8",
+                                                           "bf16 + channels_last@4"]
     assert all(len(r["rounds"]) == 2 and r["images_per_s"] > 0 for r in report["model_only"])
     assert report["model_only"][1]["vs_reference"] == 1.0
     # the timed window is 10x the deepest queue (1 worker x prefetch factor 4), the runs alternate
@@ -29,7 +36,7 @@ def test_bench_gpu_script_runs_every_part_on_the_cpu(tmp_path):
     assert all(r["timed_steps"] == 40 and 0 <= r["data_wait"] <= 1 for r in runs)
     assert [r["run"] for r in report["end_to_end"]] == ["workers:1", "synthetic"]
     assert report["end_to_end"][1]["vs_synthetic"] == 1.0
-    assert "x model-only" in result.stdout and "x trainer --synthetic" in result.stdout
+    assert "per worker" in result.stdout and "x --synthetic" in result.stdout
 
 
 def test_bench_scale_script_runs_every_part_on_a_small_size(tmp_path):

@@ -13,7 +13,9 @@ from torchvision import transforms
 from torchvision.io import decode_jpeg
 
 from distributed_train.data import train_loader
-from distributed_train.device_decode import ASPECT_RATIOS, DeviceAugment, DevicePrefetcher, pack_jpegs
+from distributed_train.device_decode import (ASPECT_RATIOS, DeviceAugment, DevicePrefetcher, crop_batch, crop_each,
+                                             pack_jpegs, pad_to_batch)
+from mushroom_demo.painter import smooth_noise
 from shard_tools.manifest import Manifest
 from shard_tools.errors import ShardReadError, one_line as error_line
 
@@ -61,12 +63,73 @@ def test_crops_and_flips_are_the_seeded_random_resized_crop(jpegs):
     flips = (torch.rand(len(jpegs)) < 0.5).tolist()
     assert batch.boxes.tolist() == [list(b) for b in boxes] and batch.flips.tolist() == flips
     assert 0 < sum(flips) < len(flips), "pick a seed that flips some images and not others"
-    for out, img, (top, left, h, w), flip in zip(images, decoded, boxes, flips):
-        crop = img[:, top:top + h, left:left + w].float()
-        expected = F.interpolate(crop[None], size=(32, 32), mode="bilinear", antialias=True)[0]
-        assert torch.allclose(out, expected.flip(-1) if flip else expected, atol=1e-3)
+    assert torch.equal(images, crop_batch(decoded, batch.boxes, batch.flips, 32))
+    for out, flip in zip(images, flips):
         ramp = out[0].mean(0)  # the red ramp rises left to right unless flipped
         assert (ramp[-1] < ramp[0]) == flip
+
+
+def smooth_images(sizes, seed: int = 0) -> list[torch.Tensor]:
+    """Photo-like uint8 (3, H, W) images: smooth colour fields with one sharp vertical edge."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for h, w in sizes:
+        pixels = np.stack([smooth_noise(rng, h, w, 4) for _ in range(3)]) * 255
+        pixels[:, :, w // 3:] *= 0.4
+        images.append(torch.from_numpy(pixels.clip(0, 255).astype(np.uint8)))
+    return images
+
+
+def random_boxes(images, seed: int):
+    torch.manual_seed(seed)
+    boxes = torch.tensor([transforms.RandomResizedCrop.get_params(img, SCALE, ASPECT_RATIOS) for img in images])
+    return boxes, torch.rand(len(images)) < 0.5
+
+
+@pytest.mark.parametrize("size, mean_limit, p99_limit", [(128, 0.01, 0.01), (48, 1.5, 8.0)])
+def test_the_batched_crop_matches_the_per_image_path(size, mean_limit, p99_limit):
+    """One roi_align for the whole batch against a crop + antialiased resize per image. Upscaled crops (to 128 px)
+    are the same bilinear interpolation inside; only their outer pixels differ, where roi_align samples past the
+    crop's edge into the image and the per-image path clamps at it. Downscaled ones (to 48 px) differ by the
+    filter: roi_align averages a box of samples, the per-image path weighs with a triangle."""
+    images = smooth_images([(96, 128), (128, 96), (110, 110), (96, 150)])
+    boxes, flips = random_boxes(images, 3)
+    batched, each = crop_batch(images, boxes, flips, size), crop_each(images, boxes, flips, size)
+    assert batched.shape == each.shape == (4, 3, size, size) and batched.dtype == torch.float32
+    inner = (batched - each)[:, :, 1:-1, 1:-1].abs().flatten()
+    assert inner.mean() <= mean_limit and inner.quantile(0.99) <= p99_limit
+    assert (batched - each).abs().max() < 128  # outer pixels too: nothing sampled from the padding
+
+
+def test_an_image_crops_the_same_alone_and_in_a_batch_of_larger_ones():
+    """Padding to the largest image repeats each image's edge: a crop that touches the bottom-right corner of a
+    small image samples the image, not the padding, however large its batch-mates are."""
+    small, large = smooth_images([(40, 50), (90, 120)], seed=1)
+    box = torch.tensor([[20, 30, 20, 20]])  # bottom-right corner of `small`, upscaled 20 -> 64
+    no_flip = torch.tensor([False])
+    alone = crop_batch([small], box, no_flip, 64)
+    together = crop_batch([small, large], torch.cat([box, box]), torch.tensor([False, False]), 64)
+    assert torch.equal(together[0], alone[0])
+    # Both paths clamp at the image's own edge. They differ only along the crop's top and left edges, which lie
+    # inside the image: the 2 outer pixels there sample past the crop's edge (upscaled 3.2x).
+    assert torch.allclose(alone[..., 2:, 2:], crop_each([small], box, no_flip, 64)[..., 2:, 2:], atol=1e-3)
+
+
+def test_pad_to_batch_repeats_each_images_last_row_and_column():
+    small, large = (torch.arange(3 * h * w, dtype=torch.uint8).view(3, h, w) for h, w in ((2, 3), (4, 5)))
+    batch = pad_to_batch([small, large])
+    assert batch.shape == (2, 3, 4, 5) and torch.equal(batch[1], large)
+    assert torch.equal(batch[0, :, :2, :3], small)
+    assert torch.equal(batch[0, :, :, 3:], batch[0, :, :, 2:3].expand(3, 4, 2))  # last column, repeated
+    assert torch.equal(batch[0, :, 2:, :], batch[0, :, 1:2, :].expand(3, 2, 5))  # last row, repeated
+
+
+def test_flips_mirror_the_crop():
+    images = smooth_images([(64, 80), (80, 64)], seed=2)
+    boxes, _ = random_boxes(images, 4)
+    straight = crop_batch(images, boxes, torch.tensor([False, False]), 40)
+    mixed = crop_batch(images, boxes, torch.tensor([True, False]), 40)
+    assert torch.equal(mixed[0], straight[0].flip(-1)) and torch.equal(mixed[1], straight[1])
 
 
 def test_same_seed_same_batch_other_seed_other_crops(jpegs):
