@@ -312,3 +312,15 @@ def test_a_logging_window_is_timed_until_the_devices_work_is_done(monkeypatch):
     assert window.flush(state, Config(data="-", run_dir="-", batch_size=30), SimpleNamespace(world_size=1), log, 0)
     assert records[0]["loss"] == 2.0
     assert records[0]["images_per_s"] <= 30 / 0.3  # 30 images in at least 0.3 s
+
+
+def test_compile_mode_reaches_torch_compile(monkeypatch):
+    """--compile-mode is handed to torch.compile (reduce-overhead: CUDA graphs), and only known modes parse."""
+    modes = []
+    monkeypatch.setattr(train.torch, "compile", lambda model, mode=None: modes.append(mode) or model)
+    cfg = parse_args(["--data", "-", "--run-dir", "-", "--compile", "--compile-mode", "reduce-overhead",
+                      "--arch", "resnet26", "--width", "0.125", "--precision", "fp32", "--channels-last", "off"])
+    train.TrainState.create(cfg, train.dist.DistContext(0, 1, 0, torch.device("cpu")), num_classes=3)
+    assert modes == ["reduce-overhead"]
+    with pytest.raises(SystemExit):
+        parse_args(["--data", "-", "--run-dir", "-", "--compile-mode", "fastest"])
