@@ -248,8 +248,8 @@ def model_only(args, num_classes: int) -> list[dict]:
 
 
 def make_shards(args, scratch: Path, samples_needed: int) -> Path:
-    """Generated pictures, each copied enough times that one epoch outlasts every trainer run (a new epoch restarts
-    the DataLoader workers inside the timed window), sharded at --size."""
+    """Generated pictures, each copied enough times that one epoch outlasts every timed window (at an epoch's end
+    the trainer saves a checkpoint, time in which the workers would fill their queue), sharded at --size."""
     start = time.perf_counter()
     per_class = max(1, args.unique // len(SPECIES))
     cpus = os.cpu_count() or 1
