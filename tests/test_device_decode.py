@@ -7,7 +7,6 @@ import threading
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
 from torchvision.io import decode_jpeg
