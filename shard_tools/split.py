@@ -116,7 +116,7 @@ def _link_close(values: np.ndarray, max_distance: int, parts: int | None) -> np.
     roots = np.arange(n)  # a flat union-find forest: each value points at its group's root, the smallest index
     for part, masks in _keys_by_first_part(parts, max_distance).items():
         order, bounds = _partitions(values, part)
-        ordered_values, ordered_labels = values[order], roots[order]
+        ordered_values, ordered_labels = values[order], _roots_of(roots, order)
         child, root = [], []
         for start, stop in zip(bounds[:-1], bounds[1:]):
             if stop - start > 1:
@@ -128,6 +128,16 @@ def _link_close(values: np.ndarray, max_distance: int, parts: int | None) -> np.
             _union(roots, np.concatenate(child), np.concatenate(root))
             roots = roots[roots]  # _union repoints roots only, to roots: one step flattens the forest again
     return roots
+
+
+def _roots_of(roots: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """roots[order], gathering only the values already joined to another: most values are still their own root,
+    and at 10M values a gather of every root misses the caches at each one."""
+    joined = roots != np.arange(len(roots))
+    out = order.copy()
+    pick = np.flatnonzero(joined[order])
+    out[pick] = roots[order[pick]]
+    return out
 
 
 def _link_partition(values: np.ndarray, labels: np.ndarray, masks: list[np.uint64], max_distance: int):

@@ -372,3 +372,14 @@ def test_a_group_counts_for_its_majority_class_with_ties_to_the_lower_class():
 def test_split_never_takes_a_class_last_training_image():
     is_val = assign_splits(np.array([0, 1, 1]), np.array([0, 1, 2]), 2, 0.6, seed=0)
     assert not is_val[0] and is_val[1:].sum() == 1
+
+
+def test_roots_of_equals_gathering_every_root():
+    # a flat forest as _link_close keeps it: most values their own root, some joined to a smaller index
+    rng = np.random.default_rng(11)
+    roots = np.arange(5000)
+    joined = rng.choice(np.arange(1, 5000), 600, replace=False)
+    roots[joined] = rng.integers(0, joined)
+    roots = np.minimum(roots, roots[roots])
+    order = rng.permutation(5000)
+    assert np.array_equal(split._roots_of(roots, order), roots[order])
