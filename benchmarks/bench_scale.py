@@ -1,6 +1,6 @@
 """How `shard_tools` grows with the number of images: time per stage, peak memory and disk, at several sizes.
 
-    python benchmarks/bench_scale.py --grouping 100000 1000000 [10000000]   # near-duplicate grouping alone
+    python benchmarks/bench_scale.py --grouping 100000 1000000 [10000000] [--parts 8 9]   # grouping alone
     python benchmarks/bench_scale.py --build 100000 [1000000] [--array 4]   # whole builds of generated JPEGs
 
 --grouping times `split.group_near_duplicates` on synthetic 64-bit hashes of the kind photos give: 10% near-copies
@@ -60,24 +60,33 @@ def synthetic_hashes(n: int, blank: float = 0.0, seed: int = 0) -> np.ndarray:
     return np.concatenate([other, copies, dark, blank_frames])[rng.permutation(n)]
 
 
-def bench_grouping(sizes: list[int], rounds: int) -> None:
+def bench_grouping(sizes: list[int], rounds: int, forced: list[int]) -> None:
     print("near-duplicate grouping alone (one core), --dup-distance 5")
     sets = {(n, blank): synthetic_hashes(n, blank) for n in sizes for blank in (0.0, 0.05)}
-    times = {key: [] for key in sets}
+    runs = [(n, blank, None) for n, blank in sets] + [(n, 0.0, k) for n in sizes for k in forced]
+    times = {run: [] for run in runs}
     for _ in range(rounds):
-        for key, hashes in sets.items():
+        for n, blank, k in runs:
             start = time.process_time()  # CPU time: the machine's other load does not count
-            group_near_duplicates(hashes)
-            times[key].append(time.process_time() - start)
+            group_near_duplicates(sets[(n, blank)], parts=k)
+            times[(n, blank, k)].append(time.process_time() - start)
     for blank in (0.0, 0.05):
         print(f"  {'5% blank frames' if blank else 'photos-like set'}:")
         base = None
         for n in sizes:
-            t = statistics.median(times[(n, blank)])
+            t = statistics.median(times[(n, blank, None)])
             per = t / n * 1e6
             base = base or per
             k = choose_parts(len(np.unique(sets[(n, blank)])), 5)
             print(f"    n={n:>11,}  {t:7.2f} s CPU  {per:5.2f} us/hash  x{per / base:4.2f} of n={sizes[0]:,}  (k={k})")
+    if forced:
+        # more parts: more keys, each with more bits and so fewer random collisions (profile_grouping.py counts them)
+        print("  photos-like set, k forced (the same groups):")
+        base = statistics.median(times[(sizes[0], 0.0, None)]) / sizes[0] * 1e6
+        for n in sizes:
+            for k in forced:
+                per = statistics.median(times[(n, 0.0, k)]) / n * 1e6
+                print(f"    n={n:>11,}  k={k:<2}  {per:5.2f} us/hash  x{per / base:4.2f} of n={sizes[0]:,} with its k")
 
 
 # --- generated images --------------------------------------------------------------------------------------------
@@ -235,6 +244,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--grouping", type=int, nargs="*", default=[], metavar="N", help="hash counts to group")
     ap.add_argument("--rounds", type=int, default=3, help="grouping: rounds alternating the sizes (median kept)")
+    ap.add_argument("--parts", type=int, nargs="*", default=[], metavar="K",
+                    help="grouping: also time the photos-like set with k forced to each K (the cost of more keys)")
     ap.add_argument("--build", type=int, nargs="*", default=[], metavar="N", help="image counts to build")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--array", type=int, default=0, metavar="K", help="also time plan -> K slices -> merge")
@@ -243,7 +254,7 @@ def main() -> int:
     print(machine_line())
     print(load_line())
     if args.grouping:
-        bench_grouping(sorted(args.grouping), args.rounds)
+        bench_grouping(sorted(args.grouping), args.rounds, args.parts)
     if args.build:
         bench_build(sorted(args.build), args.workers, args.array, args.tmp)
     print(load_line())

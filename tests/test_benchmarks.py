@@ -40,13 +40,14 @@ def test_bench_gpu_script_runs_every_part_on_the_cpu(tmp_path):
 
 
 def test_bench_scale_script_runs_every_part_on_a_small_size(tmp_path):
-    command = [sys.executable, "bench_scale.py", "--grouping", "2000", "4000", "--rounds", "1", "--build", "200",
-               "400", "--array", "2", "--tmp", str(tmp_path)]
+    command = [sys.executable, "bench_scale.py", "--grouping", "2000", "4000", "--rounds", "1", "--parts", "7",
+               "--build", "200", "400", "--array", "2", "--tmp", str(tmp_path)]
     result = subprocess.run(command, cwd=REPO / "benchmarks", env=python_env(), capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
-    assert out.count("us/hash") == 4 and out.count("serial (all but encode and write)") == 2
+    assert out.count("us/hash") == 6 and out.count("serial (all but encode and write)") == 2
+    assert "k=7    " in out.split("k forced")[1]
     assert "n=400 array path: plan" in out and "merge peak RSS" in out and "parent peak RSS grows" in out
     assert not list(tmp_path.iterdir())  # generated images and outputs are removed
 
