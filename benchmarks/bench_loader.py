@@ -199,7 +199,8 @@ def phone_photos(data: Path, count: int, folder: Path) -> tuple[Path, Path]:
     source = pd.read_csv(data / "labels.csv", dtype=str).sample(n=count, random_state=SEED)
     classes = sorted(source["label"].unique())
     ids = [f"phone-{i:05d}" for i in range(count)]
-    jobs = [(data / "images" / f"{src}.jpg", images / f"{i}.jpg", n) for n, (src, i) in enumerate(zip(source["id"], ids))]
+    pairs = enumerate(zip(source["id"], ids))
+    jobs = [(data / "images" / f"{src}.jpg", images / f"{i}.jpg", n) for n, (src, i) in pairs]
     images.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with ProcessPoolExecutor(os.cpu_count()) as pool:

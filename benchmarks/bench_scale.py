@@ -249,7 +249,8 @@ def main() -> int:
     ap.add_argument("--build", type=int, nargs="*", default=[], metavar="N", help="image counts to build")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--array", type=int, default=0, metavar="K", help="also time plan -> K slices -> merge")
-    ap.add_argument("--tmp", type=Path, help="folder for the generated images and outputs, removed after each size (default: system temp)")
+    ap.add_argument("--tmp", type=Path,
+                    help="folder for the generated images and outputs, removed after each size (default: system temp)")
     args = ap.parse_args()
     print(machine_line())
     print(load_line())

@@ -83,7 +83,8 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--images", type=Path, default=DEFAULT_DATA, help="folder with images/<id>.jpg and labels.csv")
     p.add_argument("--size", type=int, default=128, help="shorter side of the stored images when building shards")
     p.add_argument("--shards", type=Path, help="reuse a built dataset folder instead of building from --images")
-    p.add_argument("--workdir", type=Path, help="parent of this run's scratch folder (shards, runs; removed at the end); default: system temp")
+    p.add_argument("--workdir", type=Path,
+                   help="parent of this run's scratch folder (shards, runs; removed at the end); default: system temp")
     p.add_argument("--rounds", type=int, default=3, help="runs per contender (3: a median that one disturbed round "
                                                           "cannot move)")
     p.add_argument("--arch", default="resnet26")

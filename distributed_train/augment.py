@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
+ASPECT_RATIOS = (3 / 4, 4 / 3)  # RandomResizedCrop's default: crops are drawn from these aspect ratios
+
 AUTO_AUGMENT = {
     "trivialaugment": v2.TrivialAugmentWide,
     "randaugment": v2.RandAugment,
@@ -40,7 +42,7 @@ class RandomResizedCropFlip:
       takes the vectorised uint8 path.
     The result is channels-last in memory, as the trainer's batches are (batch_ring.py)."""
 
-    def __init__(self, size: int, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+    def __init__(self, size: int, scale: tuple[float, float], ratio: tuple[float, float] = ASPECT_RATIOS):
         self.size, self.scale, self.ratio = size, scale, ratio
         self.log_ratio = torch.log(torch.tensor(ratio)).tolist()  # float32 values, as v2 draws between them
         # where box() draws: one transform per process (DataLoader workers), not shared between threads

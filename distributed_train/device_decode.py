@@ -25,10 +25,8 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
 
-from distributed_train.augment import RandomResizedCropFlip
+from distributed_train.augment import ASPECT_RATIOS, RandomResizedCropFlip
 from shard_tools.errors import damaged_sample
-
-ASPECT_RATIOS = (3 / 4, 4 / 3)  # RandomResizedCrop's default, as in the workers' path
 
 
 class EncodedBatch(NamedTuple):

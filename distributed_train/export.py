@@ -1,4 +1,5 @@
-"""Export a checkpoint for serving without this package: ONNX (onnxruntime and other runtimes) or TorchScript (libtorch).
+"""Export a checkpoint for serving without this package: ONNX (onnxruntime and other runtimes) or TorchScript
+(libtorch).
 
     python -m distributed_train.export --checkpoint RUN/checkpoints/best.pt --format onnx --out model.onnx
 

@@ -193,7 +193,8 @@ def calibrate(args, extra, shards: Path, run_dir: Path, steps_per_epoch: int) ->
     step_s = (last["time"] - first["time"]) / (last["step"] - first["step"])
     fixed = max(0.0, wall - steps * step_s)
     print(f"calibration: {steps} steps in {wall:.1f} s: {step_s * 1000:.0f} ms/step "
-          f"({args.batch_size * args.processes / step_s:.0f} img/s), {fixed:.1f} s fixed (start-up, validation, saving)")
+          f"({args.batch_size * args.processes / step_s:.0f} img/s), "
+          f"{fixed:.1f} s fixed (start-up, validation, saving)")
     return step_s, fixed
 
 
@@ -207,7 +208,8 @@ def wait_for_low_load(limit: float, patience_s: float = 600, poll_s: float = 20)
     start = time.time()
     while os.getloadavg()[0] >= limit:
         if time.time() - start > patience_s:
-            return f"load stayed >= {limit} for {patience_s:.0f} s (1-min load {os.getloadavg()[0]:.2f}): timing is noisy"
+            now = os.getloadavg()[0]
+            return f"load stayed >= {limit} for {patience_s:.0f} s (1-min load {now:.2f}): timing is noisy"
         time.sleep(poll_s)
     return f"1-min load {os.getloadavg()[0]:.2f} at the start (waited {time.time() - start:.0f} s)"
 

@@ -269,5 +269,6 @@ def build_dataset(images: str, labels_csv: str, out: str, *, val_fraction: float
                              id_column, label_column, dup_distance)
     manifest = build(settings, out, workers=workers, overwrite=overwrite, progress=progress)
     if strict and manifest.source["skipped"]:
-        raise StrictError(f"--strict: {manifest.source['skipped']} rows were skipped, see {os.path.join(out, SKIPPED_NAME)}")
+        skipped = os.path.join(out, SKIPPED_NAME)
+        raise StrictError(f"--strict: {manifest.source['skipped']} rows were skipped, see {skipped}")
     return manifest

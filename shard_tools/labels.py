@@ -49,7 +49,8 @@ def read_labels(csv_path: str, id_column: str | None = None, label_column: str |
                   f"{images.images_dir}): every line is read as a row", file=sys.stderr)
             df = pd.read_csv(csv_path, dtype=str, keep_default_na=False, skipinitialspace=True, header=None)
     except pd.errors.EmptyDataError:
-        raise LabelsError(f"{csv_path} is empty: expected a header line (e.g. 'id,label') and one row per image") from None
+        raise LabelsError(f"{csv_path} is empty: expected a header line (e.g. 'id,label') "
+                          "and one row per image") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
         raise LabelsError(f"{csv_path} is not a readable CSV: {str(e).strip().splitlines()[0]}") from None
     columns = list(df.columns)
@@ -62,7 +63,8 @@ def read_labels(csv_path: str, id_column: str | None = None, label_column: str |
     label_col = label_column if label_column is not None else columns[1]
     missing = [c for c in (id_col, label_col) if c not in columns]
     if missing:
-        raise LabelsError(f"{csv_path} has no column {', '.join(repr(c) for c in missing)} (it has: {', '.join(columns)})")
+        wanted = ", ".join(repr(c) for c in missing)
+        raise LabelsError(f"{csv_path} has no column {wanted} (it has: {', '.join(columns)})")
     if len(df) == 0:
         raise LabelsError(f"{csv_path} has a header but no rows: nothing to shard")
     return pd.DataFrame({"id": df[id_col].str.strip(), "label": df[label_col].str.strip()})

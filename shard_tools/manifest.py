@@ -88,8 +88,8 @@ class Manifest:
         if d.get("version") not in READABLE_VERSIONS:
             raise ManifestError(
                 f"{where}: manifest version {d.get('version')} is not supported by this version of the package "
-                f"(it reads {' and '.join(map(str, READABLE_VERSIONS))}); rebuild the shards with `python -m shard_tools "
-                "build` or upgrade the package"
+                f"(it reads {' and '.join(map(str, READABLE_VERSIONS))}); "
+                "rebuild the shards with `python -m shard_tools build` or upgrade the package"
             )
         try:
             m = cls(
@@ -162,7 +162,8 @@ class Manifest:
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ManifestError(f"{path}: not valid JSON ({e}); the build may have been interrupted, rebuild it") from None
+            raise ManifestError(f"{path}: not valid JSON ({e}); "
+                                "the build may have been interrupted, rebuild it") from None
         manifest = cls.from_dict(d, where=path)
         manifest.root = dataset_root(os.fspath(location))
         return manifest

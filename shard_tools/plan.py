@@ -169,7 +169,8 @@ def make_layout(settings: BuildSettings, rows: pd.DataFrame, encoded: Encoded, s
     skipped = sorted(skipped + [Skipped(*s) for s in encoded.skipped], key=lambda s: s.row)
     if len(encoded.row) == 0:
         first = skipped[0]
-        raise BuildError(f"no image in {settings.images} could be read (row {first.row}, id '{first.id}': {first.reason})")
+        raise BuildError(f"no image in {settings.images} could be read "
+                         f"(row {first.row}, id '{first.id}': {first.reason})")
     by_row = np.argsort(encoded.row, kind="stable")  # encoded positions in CSV order
     plan_pos = np.searchsorted(rows["row"].to_numpy(), encoded.row[by_row])
     labels = rows["label"].to_numpy()[plan_pos]

@@ -270,7 +270,8 @@ def _round_half_up(x: float) -> int:
     return math.floor(x + 0.5)
 
 
-def assign_splits(classes: np.ndarray, groups: np.ndarray, num_classes: int, val_fraction: float, seed: int) -> np.ndarray:
+def assign_splits(classes: np.ndarray, groups: np.ndarray, num_classes: int, val_fraction: float,
+                  seed: int) -> np.ndarray:
     """Boolean array, True = validation, for items with class index `classes` and group ids `groups`."""
     classes, groups = np.asarray(classes), np.asarray(groups)
     is_val = np.zeros(len(classes), dtype=bool)

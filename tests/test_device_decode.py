@@ -11,9 +11,10 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.io import decode_jpeg
 
+from distributed_train.augment import ASPECT_RATIOS
 from distributed_train.data import train_loader
-from distributed_train.device_decode import (ASPECT_RATIOS, DeviceAugment, DevicePrefetcher, crop_batch, crop_each,
-                                             pack_jpegs, pad_to_batch)
+from distributed_train.device_decode import (DeviceAugment, DevicePrefetcher, crop_batch, crop_each, pack_jpegs,
+                                             pad_to_batch)
 from mushroom_demo.painter import smooth_noise
 from shard_tools.manifest import Manifest
 from shard_tools.errors import ShardReadError, one_line as error_line
